@@ -1,0 +1,374 @@
+"""DenseNet (Huang et al., CVPR 2017): layers, blocks, the two families and the model registry.
+
+Submodule names follow torchvision (``features.denseblock1.denselayer1.norm1``) because that is
+the state-dict format the world's DenseNet checkpoints use; see SPEC sections 2-4.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import UsageError
+
+__all__ = ["DenseNet", "create_model", "list_models", "model_info", "densenet_cifar"]
+
+IMPLEMENTATIONS = ("efficient", "reference")
+
+
+class DenseLayer(nn.Module):
+    """H_l: BN-ReLU-Conv3x3 (basic) or BN-ReLU-Conv1x1(bn_size*k)-BN-ReLU-Conv3x3 (bottleneck).
+
+    Takes the list of all earlier feature maps of the block and returns the k new maps.
+    """
+
+    def __init__(self, in_channels: int, growth_rate: int, bottleneck: bool, bn_size: int,
+                 drop_rate: float):
+        super().__init__()
+        self.bottleneck = bottleneck
+        self.drop_rate = float(drop_rate)
+        self.norm1 = nn.BatchNorm2d(in_channels)
+        self.relu1 = nn.ReLU(inplace=True)
+        if bottleneck:
+            inner = bn_size * growth_rate
+            self.conv1 = nn.Conv2d(in_channels, inner, kernel_size=1, bias=False)
+            self.norm2 = nn.BatchNorm2d(inner)
+            self.relu2 = nn.ReLU(inplace=True)
+            self.conv2 = nn.Conv2d(inner, growth_rate, kernel_size=3, padding=1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(in_channels, growth_rate, kernel_size=3, padding=1, bias=False)
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        # The paper drops after every convolution but the network's first (SPEC section 2).
+        if self.drop_rate > 0:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return x
+
+    def bottleneck_input(self, x: torch.Tensor) -> torch.Tensor:
+        """conv1(relu(norm1(x))) with its dropout: the part that reads the concatenation."""
+        return self._drop(self.conv1(self.relu1(self.norm1(x))))
+
+    def forward_tail(self, y: torch.Tensor) -> torch.Tensor:
+        """From conv1's output to the k new maps (identity for a basic layer)."""
+        if not self.bottleneck:
+            return y
+        return self._drop(self.conv2(self.relu2(self.norm2(y))))
+
+    def forward(self, features: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        x = torch.cat(features, 1) if isinstance(features, (list, tuple)) else features
+        return self.forward_tail(self.bottleneck_input(x))
+
+    # Old checkpoints (PyTorch < 0.4, and torchvision's first weights) name these
+    # ``norm.1``/``relu.1``/``conv.1``; map them on load so any such file loads strictly.
+    _LEGACY_KEY = re.compile(r"^(norm|relu|conv)\.([12])\.(weight|bias|running_mean|running_var|num_batches_tracked)$")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for key in list(state_dict.keys()):
+            if not key.startswith(prefix):
+                continue
+            match = self._LEGACY_KEY.match(key[len(prefix):])
+            if match:
+                new_key = prefix + match.group(1) + match.group(2) + "." + match.group(3)
+                state_dict[new_key] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class DenseBlock(nn.ModuleDict):
+    """L layers, each reading the concatenation of the block input and all earlier outputs."""
+
+    def __init__(self, num_layers: int, in_channels: int, growth_rate: int, bottleneck: bool,
+                 bn_size: int, drop_rate: float, implementation: str = "reference"):
+        super().__init__()
+        self.in_channels = in_channels
+        self.growth_rate = growth_rate
+        self.implementation = implementation
+        for i in range(num_layers):
+            layer = DenseLayer(in_channels + i * growth_rate, growth_rate, bottleneck, bn_size,
+                               drop_rate)
+            self.add_module(f"denselayer{i + 1}", layer)
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels + len(self) * self.growth_rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.implementation == "efficient":
+            from .efficient import dense_block_forward
+            return dense_block_forward(self, x)
+        features = [x]
+        for layer in self.values():
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+
+class Transition(nn.Sequential):
+    """BN-ReLU-Conv1x1 to floor(theta * m) maps - [dropout] - AvgPool 2x2/2."""
+
+    def __init__(self, in_channels: int, out_channels: int, drop_rate: float):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(in_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
+        if drop_rate > 0:
+            self.drop = nn.Dropout(drop_rate)
+        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UsageError(f"{name} must be a positive integer, got {value!r}.")
+    return value
+
+
+class DenseNet(nn.Module):
+    """Any DenseNet of the paper, from its parameters.
+
+    Args:
+        growth_rate: k, the number of maps each layer adds.
+        block_config: layers per dense block, e.g. (6, 12, 24, 16) for DenseNet-121.
+        bottleneck: use the 1x1 bottleneck (DenseNet-B) in every layer.
+        bn_size: bottleneck width as a multiple of k (4 in the paper).
+        compression: theta in (0, 1]; transitions output floor(theta * m) maps.
+        num_init_features: stem width (16 for the paper's basic CIFAR nets, 2k otherwise).
+        stem: "cifar" (one 3x3 conv) or "imagenet" (7x7/2 conv, BN, ReLU, 3x3/2 max-pool).
+        drop_rate: dropout after every convolution but the first.
+        num_classes, in_channels: classifier outputs and image channels.
+        implementation: "efficient" (shared buffer, recomputed BN-ReLU; the default) or
+            "reference" (plain concatenation per layer, kept for testing).
+    """
+
+    def __init__(self, growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 24, 16),
+                 bottleneck: bool = True, bn_size: int = 4, compression: float = 0.5,
+                 num_init_features: int | None = None, stem: str = "imagenet",
+                 drop_rate: float = 0.0, num_classes: int = 1000, in_channels: int = 3,
+                 implementation: str = "reference"):
+        super().__init__()
+        _check_positive_int("growth_rate", growth_rate)
+        _check_positive_int("bn_size", bn_size)
+        _check_positive_int("num_classes", num_classes)
+        _check_positive_int("in_channels", in_channels)
+        if isinstance(block_config, int) or not block_config:
+            raise UsageError(f"block_config must be a non-empty sequence of layer counts, got {block_config!r}.")
+        for n in block_config:
+            _check_positive_int("block_config entries", n)
+        if not isinstance(compression, (int, float)) or not 0 < compression <= 1:
+            raise UsageError(f"compression (theta) must be in (0, 1], got {compression!r}.")
+        if not isinstance(drop_rate, (int, float)) or not 0 <= drop_rate < 1:
+            raise UsageError(f"drop_rate must be in [0, 1), got {drop_rate!r}.")
+        if stem not in ("cifar", "imagenet"):
+            raise UsageError(f"stem must be 'cifar' or 'imagenet', got {stem!r}.")
+        if implementation not in IMPLEMENTATIONS:
+            raise UsageError(f"implementation must be one of {', '.join(IMPLEMENTATIONS)}, got {implementation!r}.")
+        if num_init_features is None:
+            num_init_features = 2 * growth_rate
+        _check_positive_int("num_init_features", num_init_features)
+
+        self.growth_rate = growth_rate
+        self.block_config = tuple(block_config)
+        self.bottleneck = bool(bottleneck)
+        self.compression = float(compression)
+        self.drop_rate = float(drop_rate)
+        self.stem = stem
+
+        if stem == "imagenet":
+            stem_layers = [
+                ("conv0", nn.Conv2d(in_channels, num_init_features, 7, stride=2, padding=3, bias=False)),
+                ("norm0", nn.BatchNorm2d(num_init_features)),
+                ("relu0", nn.ReLU(inplace=True)),
+                ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
+            ]
+        else:
+            stem_layers = [("conv0", nn.Conv2d(in_channels, num_init_features, 3, padding=1, bias=False))]
+        self.features = nn.Sequential(OrderedDict(stem_layers))
+
+        channels = num_init_features
+        for i, num_layers in enumerate(self.block_config):
+            block = DenseBlock(num_layers, channels, growth_rate, self.bottleneck, bn_size,
+                               drop_rate, implementation)
+            self.features.add_module(f"denseblock{i + 1}", block)
+            channels = block.out_channels
+            if i != len(self.block_config) - 1:
+                out = int(self.compression * channels)  # floor(theta * m)
+                self.features.add_module(f"transition{i + 1}", Transition(channels, out, drop_rate))
+                channels = out
+        # torchvision calls the final BN "norm5" whatever the number of blocks; keep its name.
+        self.features.add_module("norm5", nn.BatchNorm2d(channels))
+        self.num_features = channels
+        self.classifier = nn.Linear(channels, num_classes)
+        self._init_weights()
+
+    @property
+    def implementation(self) -> str:
+        return next(m.implementation for m in self.modules() if isinstance(m, DenseBlock))
+
+    def set_implementation(self, implementation: str) -> "DenseNet":
+        if implementation not in IMPLEMENTATIONS:
+            raise UsageError(f"implementation must be one of {', '.join(IMPLEMENTATIONS)}, got {implementation!r}.")
+        for m in self.modules():
+            if isinstance(m, DenseBlock):
+                m.implementation = implementation
+        return self
+
+    def _init_weights(self) -> None:
+        # The paper's Torch code (fb.resnet.torch) draws conv weights from N(0, 2/n) with
+        # n = k*k*out_channels, i.e. He init in fan_out mode.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The final feature map, after the last BN and ReLU (N, num_features, H', W')."""
+        return F.relu(self.features(x), inplace=True)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh linear head for fine-tuning (num_classes=0 gives pooled features)."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise UsageError(f"num_classes must be a non-negative integer, got {num_classes!r}.")
+        p = self.classifier.weight if isinstance(self.classifier, nn.Linear) else next(self.parameters())
+        if num_classes == 0:
+            self.classifier = nn.Identity()
+        else:
+            self.classifier = nn.Linear(self.num_features, num_classes, device=p.device, dtype=p.dtype)
+            nn.init.zeros_(self.classifier.bias)
+
+
+# ----------------------------------------------------------------------------- registry
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    description: str
+    input_size: int
+    kwargs: dict = field(default_factory=dict)
+    paper_key: str | None = None  # row name in the paper's tables (see densenet.paper)
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def _register(name: str, description: str, input_size: int, paper_key: str | None = None, **kwargs) -> None:
+    _REGISTRY[name] = ModelInfo(name, description, input_size, kwargs, paper_key)
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`create_model`, in the paper's order."""
+    return list(_REGISTRY)
+
+
+def model_info(name: str) -> ModelInfo:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UsageError(
+            f"unknown model name {name!r}. Known models: {', '.join(_REGISTRY)}."
+        ) from None
+
+
+def create_model(name: str, weights: str | None = None, **overrides) -> DenseNet:
+    """Build a registered model by name; ``overrides`` replace any DenseNet argument.
+
+    ``weights`` is a local checkpoint file (torchvision, timm or this package's own) loaded
+    strictly into the model.
+    """
+    info = model_info(name)
+    kwargs = {**info.kwargs, **overrides}
+    model = DenseNet(**kwargs)
+    if weights is not None:
+        from .checkpoint import load_weights_into
+        load_weights_into(model, weights)
+    return model
+
+
+def _cifar_layers_per_block(depth: int, bottleneck: bool) -> int:
+    per_layer = 6 if bottleneck else 3  # convolutions per layer x 3 blocks
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 4 + per_layer or (depth - 4) % per_layer:
+        kind = "DenseNet-BC/-B (bottleneck)" if bottleneck else "basic DenseNet"
+        examples = ", ".join(str(4 + per_layer * n) for n in (1, 2, 3, 6, 16))
+        raise UsageError(
+            f"depth {depth!r} is impossible for a {kind} on CIFAR: depth L counts convolutions and "
+            f"the classifier, so valid depths are L = {per_layer}n + 4 with n >= 1 layers per block "
+            f"(e.g. {examples}, ...)."
+        )
+    return (depth - 4) // per_layer
+
+
+def densenet_cifar(depth: int, growth_rate: int = 12, bottleneck: bool = True,
+                   compression: float = 0.5, num_classes: int = 10,
+                   num_init_features: int | None = None, **kwargs) -> DenseNet:
+    """A 3-block CIFAR/SVHN DenseNet of any valid depth L (SPEC section 3).
+
+    The stem is 16 maps for the basic net and 2k for nets with bottleneck or compression, which
+    is what reproduces the paper's parameter counts.
+    """
+    _check_positive_int("growth_rate", growth_rate)
+    n = _cifar_layers_per_block(depth, bottleneck)
+    if num_init_features is None:
+        num_init_features = 2 * growth_rate if (bottleneck or compression < 1) else 16
+    return DenseNet(growth_rate=growth_rate, block_config=(n, n, n), bottleneck=bottleneck,
+                    compression=compression, num_init_features=num_init_features, stem="cifar",
+                    num_classes=num_classes, **kwargs)
+
+
+def _cifar_kwargs(depth: int, k: int, bc: bool) -> dict:
+    n = _cifar_layers_per_block(depth, bc)
+    return dict(growth_rate=k, block_config=(n, n, n), bottleneck=bc,
+                compression=0.5 if bc else 1.0, num_init_features=2 * k if bc else 16,
+                stem="cifar", num_classes=10)
+
+
+for _depth, _k, _bc in [(40, 12, False), (100, 12, False), (100, 24, False),
+                        (100, 12, True), (250, 24, True), (190, 40, True)]:
+    _name = f"densenet{'_bc' if _bc else ''}{_depth}_k{_k}"
+    _register(_name, f"DenseNet{'-BC' if _bc else ''} (L={_depth}, k={_k}), CIFAR/SVHN", 32,
+              paper_key=f"{'DenseNet-BC' if _bc else 'DenseNet'} L={_depth} k={_k}",
+              **_cifar_kwargs(_depth, _k, _bc))
+
+for _name, _k, _blocks, _init in [("densenet121", 32, (6, 12, 24, 16), 64),
+                                  ("densenet169", 32, (6, 12, 32, 32), 64),
+                                  ("densenet201", 32, (6, 12, 48, 32), 64),
+                                  ("densenet264", 32, (6, 12, 64, 48), 64),
+                                  ("densenet161", 48, (6, 12, 36, 24), 96)]:
+    _register(_name, f"DenseNet-{_name[8:]} (k={_k}), ImageNet", 224, paper_key=f"DenseNet-{_name[8:]}",
+              growth_rate=_k, block_config=_blocks, num_init_features=_init, bottleneck=True,
+              compression=0.5, stem="imagenet", num_classes=1000)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# Builders as functions too, for users who prefer ``densenet.densenet121()``.
+def _builder(name: str) -> Callable[..., DenseNet]:
+    def build(**overrides) -> DenseNet:
+        return create_model(name, **overrides)
+    build.__name__ = name
+    build.__doc__ = f"{_REGISTRY[name].description}."
+    return build
+
+
+densenet121 = _builder("densenet121")
+densenet161 = _builder("densenet161")
+densenet169 = _builder("densenet169")
+densenet201 = _builder("densenet201")
+densenet264 = _builder("densenet264")
