@@ -206,3 +206,20 @@ def load_weights_into(model: torch.nn.Module, path: str | os.PathLike) -> None:
             f"the weights in {path} do not fit this model ({' '.join(first[:3])[:400]}). "
             f"Check that --model names the architecture the file was trained with."
         ) from None
+
+
+# ----------------------------------------------------------------------------- models from runs
+
+def build_model(payload: dict) -> torch.nn.Module:
+    """The model a densenet checkpoint describes, with its weights loaded (eval mode)."""
+    from .model import create_model
+    spec = payload["model"]
+    model = create_model(spec["name"], **spec.get("overrides", {}))
+    model.load_state_dict(payload["state_dict"], strict=True)
+    return model.eval()
+
+
+def load_model(path: str | os.PathLike, prefer: str = "best") -> tuple[torch.nn.Module, dict]:
+    """(model, payload) from a run directory or a densenet checkpoint file."""
+    payload = load_checkpoint(resolve_checkpoint_path(path, prefer))
+    return build_model(payload), payload
