@@ -276,13 +276,23 @@ def list_models() -> list[str]:
     return list(_REGISTRY)
 
 
+_CIFAR_NAME = re.compile(r"^densenet(_bc)?(\d+)_k(\d+)$")
+
+
 def model_info(name: str) -> ModelInfo:
-    try:
+    """Registry entry of ``name``; any ``densenet[_bc]{L}_k{k}`` names a CIFAR net of that shape."""
+    if name in _REGISTRY:
         return _REGISTRY[name]
-    except KeyError:
-        raise UsageError(
-            f"unknown model name {name!r}. Known models: {', '.join(_REGISTRY)}."
-        ) from None
+    match = _CIFAR_NAME.match(name) if isinstance(name, str) else None
+    if match:
+        bc, depth, k = bool(match.group(1)), int(match.group(2)), int(match.group(3))
+        kwargs = _cifar_kwargs(depth, k, bc)  # raises for an impossible depth
+        return ModelInfo(name, f"DenseNet{'-BC' if bc else ''} (L={depth}, k={k}), CIFAR/SVHN", 32,
+                         kwargs, None)
+    raise UsageError(
+        f"unknown model name {name!r}. Known models: {', '.join(_REGISTRY)} "
+        f"(or any CIFAR shape as densenet_bc{{L}}_k{{k}} / densenet{{L}}_k{{k}})."
+    )
 
 
 def create_model(name: str, weights: str | None = None, **overrides) -> DenseNet:
@@ -331,6 +341,7 @@ def densenet_cifar(depth: int, growth_rate: int = 12, bottleneck: bool = True,
 
 
 def _cifar_kwargs(depth: int, k: int, bc: bool) -> dict:
+    _check_positive_int("growth_rate", k)
     n = _cifar_layers_per_block(depth, bc)
     return dict(growth_rate=k, block_config=(n, n, n), bottleneck=bc,
                 compression=0.5 if bc else 1.0, num_init_features=2 * k if bc else 16,

@@ -214,3 +214,11 @@ def test_mismatched_state_dict_still_fails_strictly():
     sd = torchvision.models.densenet169().state_dict()
     with pytest.raises(RuntimeError):
         ours.load_state_dict(sd, strict=True)
+
+
+def test_any_valid_cifar_shape_can_be_named():
+    m = create_model("densenet_bc40_k12")
+    assert len(m.features.denseblock1) == 6 and m.growth_rate == 12
+    assert count_parameters(create_model("densenet_bc100_k12")) == 769_162
+    with pytest.raises(ValueError, match="valid depths"):
+        create_model("densenet_bc41_k12")
