@@ -369,6 +369,21 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def count_macs(model: nn.Module, input_size: int, in_channels: int = 3) -> int:
+    """Multiply-adds of one forward pass on one image (convolutions and linear layers)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    p = next(model.parameters())
+    x = torch.zeros(1, in_channels, input_size, input_size, device=p.device, dtype=p.dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() // 2  # FlopCounterMode counts 2 FLOPs per multiply-add
+
+
 # Builders as functions too, for users who prefer ``densenet.densenet121()``.
 def _builder(name: str) -> Callable[..., DenseNet]:
     def build(**overrides) -> DenseNet:
