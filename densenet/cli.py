@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         if not argv:
             argv = ["train"]  # the main job: `densenet` alone runs the quickstart
         args = parser.parse_args(argv)
+        args.argv = argv
         if getattr(args, "func", None) is None:
             parser.print_help()
             return 2

@@ -12,25 +12,29 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from . import data as data_mod
-from .checkpoint import (atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint)
+from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from .distributed import (World, all_reduce_sum, barrier, convert_sync_batchnorm,
+                          gather_objects, init_from_env)
 from .errors import UsageError
 from .evaluate import autocast, evaluate_batches
 from .model import count_macs, count_parameters, create_model, model_info
-from .recipes import RECIPE_FIELDS, Recipe, get_recipe, override, validate_recipe
+from .recipes import RECIPE_FIELDS, Recipe, get_recipe, override
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 RUN_FIELDS = ("model", "recipe", "data", "out", "download", "seed", "device", "amp",
-              "channels_last", "compile", "max_steps", "workers", "quiet")
+              "channels_last", "compile", "sync_bn", "max_steps", "workers", "quiet")
 
 
 @dataclass
@@ -46,6 +50,7 @@ class TrainConfig:
     amp: str | None = None
     channels_last: bool = False
     compile: bool = False
+    sync_bn: bool = False           # SyncBatchNorm over all processes (DDP)
     max_steps: int | None = None
     workers: int = 4
     quiet: bool = False
@@ -182,11 +187,15 @@ class _Splits:
 
 # ----------------------------------------------------------------------------- the loop
 
-def _logger(run_dir: Path, quiet: bool) -> logging.Logger:
+def _logger(run_dir: Path, quiet: bool, main: bool = True) -> logging.Logger:
+    """The run's log: train.log and stdout, written by the main process only."""
     log = logging.getLogger(f"densenet.train.{run_dir.resolve()}")
     log.handlers.clear()
     log.setLevel(logging.INFO)
     log.propagate = False
+    if not main:
+        log.addHandler(logging.NullHandler())
+        return log
     fh = logging.FileHandler(run_dir / "train.log")
     fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log.addHandler(fh)
@@ -241,8 +250,13 @@ def train(model: str | None = None, recipe: str = "quickstart", data: str | None
         return _resume(resume, **kwargs)
     cfg = make_config(model, recipe, data, out, set_fields=set_fields, **kwargs)
     ds = _load_data(cfg)  # data errors before a run directory is created
-    run_dir = _prepare_run_dir(cfg)
-    return _run(cfg, run_dir, ds, state=None)
+    world = init_from_env(cfg.device)
+    if world.size > 1 and cfg.out is None:
+        raise UsageError("give --out RUN_DIR when training with several processes, so that "
+                         "they all write to the same run directory.")
+    run_dir = _prepare_run_dir(cfg) if world.is_main else Path(cfg.out)
+    barrier()
+    return _run(cfg, run_dir, ds, None, world)
 
 
 def _resume(run_dir: str, **kwargs) -> dict:
@@ -254,29 +268,42 @@ def _resume(run_dir: str, **kwargs) -> dict:
         raise UsageError(f"--resume {run_dir}: no last.pt checkpoint there yet (the run stopped "
                          f"before its first checkpoint); start it again instead.")
     cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-    allowed = {"max_steps", "quiet", "device", "workers"}
-    for k, v in kwargs.items():
+    allowed = {"max_steps", "quiet", "device", "workers", "sync_bn"}
+    for k in kwargs:
         if k not in allowed:
             raise UsageError(f"{k} cannot change on resume (the run keeps its own config); "
                              f"only {', '.join(sorted(allowed))} can.")
-        if v is not None:
-            setattr(cfg, k, v)
+    # a step limit and quietness belong to one invocation, not to the run
+    cfg.max_steps = kwargs.get("max_steps")
+    cfg.quiet = bool(kwargs.get("quiet", False))
+    for k in ("device", "workers", "sync_bn"):
+        if kwargs.get(k) is not None:
+            setattr(cfg, k, kwargs[k])
     state = load_checkpoint(run_dir / "last.pt")
     ds = _load_data(cfg)
-    return _run(cfg, run_dir, ds, state=state)
+    world = init_from_env(cfg.device)
+    return _run(cfg, run_dir, ds, state, world)
 
 
-def _run(cfg: TrainConfig, run_dir: Path, ds, state: dict | None) -> dict:
+def _run(cfg: TrainConfig, run_dir: Path, ds, state: dict | None, world: World) -> dict:
     start_time = time.time()
-    device = resolve_device(cfg.device)
-    log = _logger(run_dir, cfg.quiet)
-    torch.manual_seed(cfg.seed)
+    device = _device_for(cfg, world)
+    log = _logger(run_dir, cfg.quiet, world.is_main)
+    torch.manual_seed(cfg.seed + world.rank)  # dropout differs per process, as it should
     random.seed(cfg.seed)
     r = cfg.recipe
+    if r.batch_size % world.size:
+        raise UsageError(f"the global batch size {r.batch_size} does not divide over "
+                         f"{world.size} processes; use a batch size that is a multiple of "
+                         f"{world.size}.")
 
-    splits = _Splits(cfg, ds, device, run_dir)
+    splits = _Splits(cfg, ds, device, run_dir, world.rank, world.size)
     overrides = {"num_classes": len(ds.classes), "drop_rate": r.drop_rate}
     net = create_model(cfg.model, **overrides).to(device)
+    if cfg.sync_bn and world.size > 1:
+        # the efficient block computes its BatchNorms itself; the plain path uses the modules
+        net.set_implementation("reference")
+        convert_sync_batchnorm(net)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     params = count_parameters(net)
@@ -286,35 +313,52 @@ def _run(cfg: TrainConfig, run_dir: Path, ds, state: dict | None) -> dict:
     epoch0, step, step_in_epoch = 0, 0, 0
     best = {"val_error": None, "epoch": None}
     if state is None:
-        atomic_write_json(run_dir / "config.json", cfg.to_dict())
-        if splits.split_record is not None:
-            atomic_write_json(run_dir / "split.json", splits.split_record)
+        if world.is_main:
+            atomic_write_json(run_dir / "config.json", cfg.to_dict())
+            if splits.split_record is not None:
+                atomic_write_json(run_dir / "split.json", splits.split_record)
         log.info(f"run {run_dir}: {cfg.model} ({params:,} parameters), recipe {r.name}, "
                  f"{len(splits.train):,} training images, "
                  f"{len(splits.val) if splits.val is not None else 0:,} validation, "
-                 f"{len(splits.test) if splits.test is not None else 0:,} test, device {device}")
+                 f"{len(splits.test) if splits.test is not None else 0:,} test, device {device}"
+                 + (f", {world.size} processes" if world.size > 1 else ""))
     else:
         net.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         epoch0, step, step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
         history = list(state["history"])
         best = dict(state["best"])
-        _set_rng_state(state["rng"], device)
-        _write_metrics(run_dir, history)  # drop any line written after that checkpoint
+        rng = state["rng"]
+        if len(rng) == world.size:  # same number of processes: each continues its own stream
+            _set_rng_state(rng[world.rank], device)
+        else:
+            torch.manual_seed(cfg.seed + 7919 * step + world.rank)
+        if world.is_main:
+            _write_metrics(run_dir, history)  # drop any line written after that checkpoint
         log.info(f"resumed {run_dir} at epoch {epoch0 + 1}, step {step}")
 
-    model_for_step = torch.compile(net) if cfg.compile else net
+    model_for_step = net
+    if world.size > 1:
+        model_for_step = DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        model_for_step = torch.compile(model_for_step)
     train_loader = splits.loader(splits.train, train=True)
     val_loader = splits.loader(splits.val, train=False) if splits.val is not None else None
 
-    def payload(epoch: int, step_in: int) -> dict:
-        return {"model": {"name": cfg.model, "overrides": overrides},
-                "state_dict": net.state_dict(), "classes": list(ds.classes),
-                "preprocess": splits.preprocess(), "epoch": epoch, "step": step,
-                "step_in_epoch": step_in, "optimizer": optimizer.state_dict(),
-                "rng": _rng_state(device), "config": cfg.to_dict(), "history": history,
-                "best": best, "params": params}
+    def save(names: tuple[str, ...], epoch: int, step_in: int) -> None:
+        rng = gather_objects(_rng_state(device))  # every process's random state
+        if world.is_main:
+            p = {"model": {"name": cfg.model, "overrides": overrides},
+                 "state_dict": net.state_dict(), "classes": list(ds.classes),
+                 "preprocess": splits.preprocess(), "epoch": epoch, "step": step,
+                 "step_in_epoch": step_in, "optimizer": optimizer.state_dict(), "rng": rng,
+                 "config": cfg.to_dict(), "history": history, "best": best, "params": params}
+            for name in names:
+                _save(run_dir / name, p)
+        barrier()
 
+    fault = _fault_injection(world)
     stopped = False
     for epoch in range(epoch0, r.epochs):
         lr = learning_rate(r, epoch)
@@ -324,12 +368,13 @@ def _run(cfg: TrainConfig, run_dir: Path, ds, state: dict | None) -> dict:
         net.train()
         t0 = time.time()
         seen, loss_sum, wrong = 0, 0.0, 0
-        progress = _progress(len(train_loader), f"epoch {epoch + 1}/{r.epochs}", cfg.quiet)
+        progress = _progress(len(train_loader), f"epoch {epoch + 1}/{r.epochs}",
+                             cfg.quiet or not world.is_main)
         for i, (x, y) in enumerate(train_loader):
             if i < step_in_epoch:  # resuming mid-epoch: same batches, already trained on
                 progress.update(1)
                 continue
-            if not x.is_cuda and device.type == "cuda":
+            if x.device != device:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device, cfg.amp):
                 logits = model_for_step(x)
@@ -341,22 +386,28 @@ def _run(cfg: TrainConfig, run_dir: Path, ds, state: dict | None) -> dict:
             optimizer.step()
             step += 1
             step_in_epoch = i + 1
+            if fault is not None and step == fault:
+                os.kill(os.getpid(), signal.SIGKILL)
             seen += y.numel()
             loss_sum += loss.item() * y.numel()
             wrong += (logits.argmax(1) != y).sum().item()
             elapsed = time.time() - t0
-            progress.update(1, loss=loss_sum / seen, err=100 * wrong / seen, ips=seen / max(elapsed, 1e-9))
+            progress.update(1, loss=loss_sum / seen, err=100 * wrong / seen,
+                            ips=world.size * seen / max(elapsed, 1e-9))
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 stopped = step_in_epoch < len(train_loader)
                 break
         progress.close()
         if stopped:
-            save_checkpoint(run_dir / "last.pt", payload(epoch, step_in_epoch))
+            save(("last.pt",), epoch, step_in_epoch)
             log.info(f"stopped after --max-steps {cfg.max_steps} (epoch {epoch + 1}, step "
                      f"{step_in_epoch}/{len(train_loader)}); continue with --resume {run_dir}")
             break
         seconds = time.time() - t0
-        val = evaluate_batches(net, val_loader, device, cfg.amp) if val_loader else {"loss": None, "error": None}
+        seen, loss_sum, wrong = all_reduce_sum([seen, loss_sum, wrong], device)
+        val = {"loss": None, "error": None}
+        if val_loader is not None and world.is_main:
+            val = evaluate_batches(net, val_loader, device, cfg.amp)
         row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
                "train_error": wrong / max(seen, 1), "val_loss": val["loss"],
                "val_error": val["error"], "lr": lr, "images_per_s": seen / max(seconds, 1e-9),
@@ -366,22 +417,37 @@ def _run(cfg: TrainConfig, run_dir: Path, ds, state: dict | None) -> dict:
         improved = val["error"] is not None and (best["val_error"] is None or val["error"] < best["val_error"])
         if improved:
             best = {"val_error": val["error"], "epoch": epoch + 1}
-        p = payload(epoch + 1, 0)
-        if improved or (val["error"] is None):
-            save_checkpoint(run_dir / "best.pt", p)  # without validation, best = latest
-        save_checkpoint(run_dir / "last.pt", p)
-        _write_metrics(run_dir, history)
-        _plot(run_dir, history)
-        log.info(_epoch_line(row, r.epochs))
+        # without validation data, best = latest
+        save(("best.pt", "last.pt") if improved or val_loader is None else ("last.pt",), epoch + 1, 0)
+        if world.is_main:
+            _write_metrics(run_dir, history)
+            _plot(run_dir, history)
+        log.info(_epoch_line(row, r.epochs) if world.is_main else "")
         if cfg.max_steps is not None and step >= cfg.max_steps:
             stopped = epoch + 1 < r.epochs
             if stopped:
                 log.info(f"stopped after --max-steps {cfg.max_steps}; continue with --resume {run_dir}")
             break
 
-    result = _finish(cfg, run_dir, net, splits, device, history, best, params, start_time,
-                     complete=not stopped, log=log)
-    return result
+    if not world.is_main:
+        return {}
+    return _finish(cfg, run_dir, net, splits, device, history, best, params, start_time,
+                   complete=not stopped, log=log)
+
+
+def _device_for(cfg: TrainConfig, world: World) -> torch.device:
+    if world.size > 1 and cfg.device != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", world.local_rank)
+    return resolve_device(cfg.device)
+
+
+def _fault_injection(world: World) -> int | None:
+    """DENSENET_KILL_AT=RANK:STEP kills that process after that step (for the crash tests)."""
+    spec = os.environ.get("DENSENET_KILL_AT")
+    if not spec:
+        return None
+    rank, step = (int(v) for v in spec.split(":"))
+    return step if rank == world.rank else None
 
 
 def _finish(cfg, run_dir, net, splits, device, history, best, params, start_time, complete, log):
@@ -416,6 +482,16 @@ def _finish(cfg, run_dir, net, splits, device, history, best, params, start_time
                  f"done in {result['wall_time_s']:.0f} s")
         log.info(f"run directory: {run_dir}")
     return result
+
+
+def _save(path: Path, payload: dict) -> None:
+    try:
+        save_checkpoint(path, payload)
+    except OSError as e:
+        raise UsageError(
+            f"could not write the checkpoint {path}: {e.strerror or e}. The previous checkpoint "
+            f"there is intact; free some space (or fix the permissions) and continue with "
+            f"'densenet train --resume {path.parent}'.") from None
 
 
 def _stop_non_finite(run_dir: Path, log, step: int, epoch: int, value: float):
@@ -483,7 +559,25 @@ def _parse_set(items: list[str] | None) -> dict:
     return out
 
 
+def _strip_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def _cmd_train(args) -> int:
+    if args.nproc:
+        from .distributed import launch
+        if args.nproc > 1 and not (args.out or args.resume):
+            raise UsageError("give --out RUN_DIR with --nproc, so that every process writes to "
+                             "the same run directory.")
+        return launch(args.nproc, _strip_nproc(args.argv))
     if args.resume:
         given = [flag for flag, v in (("--model", args.model), ("--recipe", args.recipe),
                                       ("--data", args.data), ("--out", args.out),
@@ -494,12 +588,12 @@ def _cmd_train(args) -> int:
                              f"config ({Path(args.resume) / 'config.json'}). Only --max-steps, "
                              f"--device, --workers and --quiet can be given anew.")
         train(resume=args.resume, max_steps=args.max_steps, quiet=args.quiet,
-              device=args.device, workers=args.workers)
+              device=args.device, workers=args.workers, sync_bn=args.sync_bn or None)
         return 0
     train(args.model, args.recipe or "quickstart", args.data, args.out, epochs=args.epochs,
           batch_size=args.batch_size, lr=args.lr, set_fields=_parse_set(args.set),
           seed=args.seed, device=args.device, amp=args.amp, channels_last=args.channels_last,
-          compile=args.compile, max_steps=args.max_steps, workers=args.workers,
+          compile=args.compile, sync_bn=args.sync_bn, max_steps=args.max_steps, workers=args.workers,
           quiet=args.quiet, download=args.download)
     return 0
 
@@ -572,6 +666,10 @@ def register(sub) -> None:
     p.add_argument("--max-steps", type=_positive_int, help="stop after this many steps (smoke runs)")
     p.add_argument("--workers", type=_non_negative_int, default=4, help="DataLoader workers (large images)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
+    p.add_argument("--nproc", type=_positive_int,
+                   help="processes on this machine (launches torchrun; one per GPU)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="synchronise BatchNorm statistics over all processes")
     p.add_argument("--quiet", action="store_true", help="no progress bars; one log line per epoch")
     p.set_defaults(func=_cmd_train)
 
