@@ -46,6 +46,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _crash_test_hook()
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -54,6 +55,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             pass
         raise
     _fsync_dir(path.parent)
+
+
+_writes = 0
+
+
+def _crash_test_hook() -> None:
+    """DENSENET_KILL_IN_WRITE=N: SIGKILL this process in its N-th atomic write, after the
+    temporary file is complete and before the rename (the kill tests use it)."""
+    global _writes
+    target = os.environ.get("DENSENET_KILL_IN_WRITE")
+    if target:
+        _writes += 1
+        if _writes == int(target):
+            import signal
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -65,10 +65,17 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        recipe_fields = {k: d[k] for k in RECIPE_FIELDS if k in d and k not in ("name", "model")}
-        recipe_fields["lr_milestones"] = tuple(recipe_fields.get("lr_milestones", ()))
-        recipe = dataclasses.replace(get_recipe(d["recipe"]), model=d["model"], **recipe_fields)
-        return cls(recipe=recipe, **{k: d[k] for k in RUN_FIELDS if k in d and k != "recipe"})
+        """Rebuild (and re-validate) a config saved by :meth:`to_dict`."""
+        if not isinstance(d, dict) or not isinstance(d.get("recipe"), str) or not isinstance(d.get("model"), str):
+            raise UsageError("the run config needs string fields 'recipe' and 'model'.")
+        recipe_fields = {k: d[k] for k in RECIPE_FIELDS
+                         if k in d and k not in ("name", "model", "description")}
+        run_fields = {k: d[k] for k in RUN_FIELDS if k in d and k not in ("recipe", "model", "data", "out")}
+        unknown = set(d) - set(RECIPE_FIELDS) - set(RUN_FIELDS) - {"lr_milestone_epochs"}
+        if unknown:
+            raise UsageError(f"unknown field(s) {', '.join(sorted(unknown))}.")
+        return make_config(d["model"], d["recipe"], d.get("data"), d.get("out"),
+                           set_fields=recipe_fields, **run_fields)
 
 
 def make_config(model: str | None = None, recipe: str = "quickstart", data: str | None = None,
@@ -82,7 +89,13 @@ def make_config(model: str | None = None, recipe: str = "quickstart", data: str 
     if unknown:
         raise UsageError(f"unknown training option(s): {', '.join(sorted(unknown))}.")
     cfg = TrainConfig(recipe=r, model=model or r.model, data=data, out=out, **kwargs)
+    if not isinstance(cfg.device, str):
+        raise UsageError(f"device must be a string, got {cfg.device!r}.")
     model_info(cfg.model)  # unknown model -> clear error before any work
+    for name in ("max_steps", "workers", "seed"):
+        v = getattr(cfg, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise UsageError(f"{name} must be an integer, got {v!r}.")
     if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
         raise UsageError(f"--device must be auto, cpu or cuda, got {cfg.device!r}.")
     if cfg.amp not in (None, "bf16"):
@@ -93,6 +106,12 @@ def make_config(model: str | None = None, recipe: str = "quickstart", data: str 
         raise UsageError(f"--workers must be >= 0, got {cfg.workers}.")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
         raise UsageError(f"--seed must be a non-negative integer, got {cfg.seed!r}.")
+    for name in ("download", "channels_last", "compile", "sync_bn", "quiet"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise UsageError(f"{name} must be true or false, got {getattr(cfg, name)!r}.")
+    for name in ("data", "out"):
+        if getattr(cfg, name) is not None and not isinstance(getattr(cfg, name), str):
+            raise UsageError(f"{name} must be a string, got {getattr(cfg, name)!r}.")
     return cfg
 
 
@@ -264,10 +283,14 @@ def _resume(run_dir: str, **kwargs) -> dict:
     if not (run_dir / "config.json").is_file():
         raise UsageError(f"--resume {run_dir}: no config.json there; give the directory of a "
                          f"run started by 'densenet train'.")
-    if not (run_dir / "last.pt").is_file():
-        raise UsageError(f"--resume {run_dir}: no last.pt checkpoint there yet (the run stopped "
-                         f"before its first checkpoint); start it again instead.")
-    cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    try:
+        cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    except (ValueError, OSError) as e:  # UsageError is a ValueError, and so is bad JSON
+        raise UsageError(f"--resume {run_dir}: its config.json is not a valid run config "
+                         f"({e}). Start a new run instead.") from None
+    cfg.out = str(run_dir)
+    for stale in run_dir.glob(".*.tmp"):  # left by a kill in the middle of a write
+        stale.unlink(missing_ok=True)
     allowed = {"max_steps", "quiet", "device", "workers", "sync_bn"}
     for k in kwargs:
         if k not in allowed:
@@ -279,7 +302,8 @@ def _resume(run_dir: str, **kwargs) -> dict:
     for k in ("device", "workers", "sync_bn"):
         if kwargs.get(k) is not None:
             setattr(cfg, k, kwargs[k])
-    state = load_checkpoint(run_dir / "last.pt")
+    # a run killed before its first checkpoint starts again from scratch
+    state = load_checkpoint(run_dir / "last.pt") if (run_dir / "last.pt").is_file() else None
     ds = _load_data(cfg)
     world = init_from_env(cfg.device)
     return _run(cfg, run_dir, ds, state, world)
