@@ -68,7 +68,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     # in the package; measured accuracy in the README.
     Recipe("quickstart", "Embedded sample of 4,800 real CIFAR-10 images (3,800 train / 1,000 "
            "held out), a small DenseNet-BC, a few epochs on the CPU",
-           "densenet_bc40_k12", "cifar10-sample", epochs=8, batch_size=64, lr=0.1,
+           "densenet_bc28_k12", "cifar10-sample", epochs=8, batch_size=64, lr=0.1,
            lr_milestones=(0.5, 0.75), augment=True, val_size=0, selection="final"),
 ]}
 
