@@ -40,3 +40,52 @@ def evaluate_batches(model: torch.nn.Module, batches: Iterable, device: torch.de
         return {"loss": None, "error": None, "top5_error": None, "n": 0}
     return {"loss": loss_sum / total, "error": wrong1 / total, "top5_error": wrong5 / total,
             "n": total}
+
+
+def crop_probabilities(model: torch.nn.Module, crops: torch.Tensor) -> torch.Tensor:
+    """Softmax of every crop of (N, M, C, H, W) crops -> (N, M, classes)."""
+    n, m = crops.shape[:2]
+    return model(crops.flatten(0, 1)).float().softmax(1).view(n, m, -1)
+
+
+def ten_crop_probabilities(model: torch.nn.Module, crops: torch.Tensor) -> torch.Tensor:
+    """Class probabilities of (N, 10, C, H, W) crops: the softmax averaged over the ten
+    (the paper's 10-crop test, Table 3)."""
+    return crop_probabilities(model, crops).mean(1)
+
+
+def _count_errors(scores: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
+    top = scores.topk(min(5, scores.shape[1]), dim=1).indices
+    return (top[:, 0] != y).sum().item(), (~(top == y[:, None]).any(dim=1)).sum().item()
+
+
+@torch.no_grad()
+def evaluate_ten_crop(model: torch.nn.Module, batches: Iterable, device: torch.device,
+                      amp: str | None = None) -> tuple[dict, dict]:
+    """(single-crop, 10-crop) loss, top-1 and top-5 error over ``(crops, y)`` batches with
+    crops (N, 10, C, H, W) in torchvision TenCrop order, whose index 4 is the centre crop."""
+    was_training = model.training
+    model.eval()
+    total = 0
+    sums = {"single": [0.0, 0, 0], "ten": [0.0, 0, 0]}
+    try:
+        for crops, y in batches:
+            crops, y = crops.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            n = crops.shape[0]
+            with autocast(device, amp):
+                probs = crop_probabilities(model, crops)
+            for key, p in (("single", probs[:, 4]), ("ten", probs.mean(1))):
+                s = sums[key]
+                s[0] += F.nll_loss(p.clamp_min(1e-12).log(), y, reduction="sum").item()
+                w1, w5 = _count_errors(p, y)
+                s[1] += w1
+                s[2] += w5
+            total += n
+    finally:
+        model.train(was_training)
+    if total == 0:
+        empty = {"loss": None, "top1_error": None, "top5_error": None}
+        return empty, dict(empty)
+    single, ten = ({"top1_error": s[1] / total, "top5_error": s[2] / total, "loss": s[0] / total}
+                   for s in (sums["single"], sums["ten"]))
+    return single, ten

@@ -1,0 +1,191 @@
+"""Shipping a trained DenseNet: ONNX, TorchScript or a torch.export ExportedProgram.
+
+Every export is checked by loading the written file back (onnxruntime for ONNX) and comparing
+its logits with PyTorch's on random inputs at batch sizes other than the one traced, so the
+dynamic batch axis is checked too. Each file carries the model name, class names and
+preprocessing as metadata (``densenet.json``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+from .inference import Loaded, load_for_inference
+
+# Max abs logit difference allowed between the exported file and eager PyTorch. ONNX runs other
+# kernels (onnxruntime), so float32 sums come out in another order; the others run PyTorch's own.
+TOLERANCE = {"onnx": 1e-4, "torchscript": 1e-5, "exported-program": 1e-5}
+FORMATS = tuple(TOLERANCE)
+CHECK_BATCHES = (1, 3)  # neither is the traced batch (2): the batch axis must really be dynamic
+
+
+def metadata(loaded: Loaded) -> dict:
+    return {"model": loaded.name, "classes": loaded.classes, "preprocess": loaded.preprocess,
+            "input": "images: float32 (N, 3, H, W), normalised with preprocess mean/std",
+            "output": "logits: float32 (N, num_classes)"}
+
+
+def export(loaded: Loaded, fmt: str, out: str | os.PathLike, tolerance: float | None = None,
+           seed: int = 0) -> dict:
+    """Write ``loaded.model`` as ``fmt`` to ``out`` and verify the file; returns the report."""
+    if fmt not in TOLERANCE:
+        raise UsageError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}.")
+    out = Path(out)
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory; give a file name (e.g. {out / 'model.onnx'}).")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # The memory-efficient block is a custom autograd function; exporters need plain modules.
+    model = loaded.model.cpu().float().eval().set_implementation("reference")
+    size = int(loaded.preprocess["input_size"])
+    in_channels = model.features.conv0.in_channels
+    example = torch.randn(2, in_channels, size, size, generator=torch.Generator().manual_seed(seed))
+    meta = json.dumps(metadata(loaded))
+    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")  # keep the suffix: torch.export checks it
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")  # deprecation notes and exporter chatter
+            _WRITERS[fmt](model, example, tmp, meta)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    diff = verify(fmt, out, model, in_channels, size, seed + 1)
+    tol = TOLERANCE[fmt] if tolerance is None else tolerance
+    return {"format": fmt, "out": str(out), "bytes": out.stat().st_size, "max_abs_diff": diff,
+            "tolerance": tol, "check_batches": list(CHECK_BATCHES), "ok": diff <= tol}
+
+
+def _batch_dim():
+    return torch.export.Dim("batch", min=1)
+
+
+def _write_onnx(model, example, path: Path, meta: str) -> None:
+    onnx = _require_onnx()
+    torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["images"],
+                      output_names=["logits"], dynamic_shapes=({0: _batch_dim()},),
+                      external_data=False, verbose=False)
+    proto = onnx.load(str(path))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "densenet.json", meta
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+
+
+def _write_torchscript(model, example, path: Path, meta: str) -> None:
+    # Tracing, not scripting: DenseLayer takes a list of tensors, which tracing flattens away.
+    with torch.no_grad():
+        traced = torch.jit.trace(model, example)
+    torch.jit.save(traced, str(path), _extra_files={"densenet.json": meta})
+
+
+def _write_exported_program(model, example, path: Path, meta: str) -> None:
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: _batch_dim()},))
+    torch.export.save(program, str(path), extra_files={"densenet.json": meta})
+
+
+_WRITERS = {"onnx": _write_onnx, "torchscript": _write_torchscript,
+            "exported-program": _write_exported_program}
+
+
+def _require_onnx():
+    missing = []
+    for name in ("onnx", "onnxscript", "onnxruntime"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise UsageError(f"ONNX export needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+                         f"not installed: pip install 'densenet[export]' (or pip install "
+                         f"{' '.join(missing)}).")
+    import onnx
+    return onnx
+
+
+def load_exported(fmt: str, path: str | os.PathLike):
+    """A callable ``images (N, C, H, W) float32 tensor -> logits tensor`` from an exported file."""
+    path = str(path)
+    if fmt == "onnx":
+        _require_onnx()
+        import onnxruntime as ort
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        return lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    if fmt == "torchscript":
+        module = torch.jit.load(path, map_location="cpu")
+        return lambda x: module(x)
+    if fmt == "exported-program":
+        module = torch.export.load(path).module()
+        return lambda x: module(x)
+    raise UsageError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}.")
+
+
+@torch.no_grad()
+def verify(fmt: str, path: str | os.PathLike, model: torch.nn.Module, in_channels: int,
+           size: int, seed: int = 1) -> float:
+    """Max abs logit difference between the file and ``model`` on random N(0, 1) inputs (the
+    scale of normalised images) at each of CHECK_BATCHES."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = load_exported(fmt, path)
+        gen = torch.Generator().manual_seed(seed)
+        diff = 0.0
+        for n in CHECK_BATCHES:
+            x = torch.randn(n, in_channels, size, size, generator=gen)
+            diff = max(diff, (run(x).float() - model(x).float()).abs().max().item())
+    return diff
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _cmd_export(args) -> int:
+    if args.format == "onnx":
+        _require_onnx()  # before any work
+    loaded = load_for_inference(args.source, weights=args.weights, model=args.model)
+    report = export(loaded, args.format, args.out, args.tolerance)
+    mb = report["bytes"] / 1e6
+    check = "onnxruntime" if args.format == "onnx" else "the reloaded file"
+    print(f"wrote {report['out']} ({args.format}, {mb:.1f} MB, dynamic batch axis)")
+    print(f"{check} vs PyTorch on random inputs (batch {' and '.join(map(str, CHECK_BATCHES))}): "
+          f"max abs logit difference {report['max_abs_diff']:.3g} "
+          f"(tolerance {report['tolerance']:g}): {'OK' if report['ok'] else 'FAILED'}")
+    if not report["ok"]:
+        print(f"densenet: error: the exported model differs from PyTorch by more than the "
+              f"tolerance; do not ship {report['out']} (kept for inspection).", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _positive_float(text: str) -> float:
+    import argparse
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="export to ONNX, TorchScript or an ExportedProgram, verified",
+                       description="Export a run's model (dynamic batch axis) and check the "
+                       "written file against PyTorch on random inputs; exits 1 if the max abs "
+                       "logit difference exceeds the tolerance.")
+    p.add_argument("source", nargs="?", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("--weights", metavar="FILE", help="a torchvision or timm state-dict file (needs --model)")
+    p.add_argument("--model", help="the architecture of --weights, e.g. densenet121")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="output file (e.g. model.onnx, model.torchscript.pt, model.pt2)")
+    p.add_argument("--tolerance", type=_positive_float,
+                   help=f"max abs logit difference allowed (default: "
+                        f"{', '.join(f'{k} {v:g}' for k, v in TOLERANCE.items())})")
+    p.set_defaults(func=_cmd_export)

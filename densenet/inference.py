@@ -1,0 +1,400 @@
+"""Using a trained DenseNet: ``densenet eval`` (top-1/top-5 error, single crop and the paper's
+10-crop) and ``densenet predict`` (top-k classes of image files).
+
+Both read only what a checkpoint carries (docs/run-directory.md): the model name and overrides,
+the weights, the class names and the preprocessing. Foreign weights (torchvision, timm) come in
+through ``--weights FILE --model NAME`` with the standard ImageNet preprocessing.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .checkpoint import extract_state_dict, load_model, read_file, resolve_checkpoint_path
+from .errors import UsageError
+from .evaluate import evaluate_batches, evaluate_ten_crop
+from .model import DenseNet, create_model, model_info
+
+
+# ----------------------------------------------------------------------------- loading
+
+@dataclass
+class Loaded:
+    """A model ready for inference and what it needs to see its inputs as in training."""
+    model: DenseNet
+    name: str                  # registered model name
+    source: str                # the file the weights came from
+    classes: list[str] | None  # label index -> class name; None for foreign weights
+    preprocess: dict           # kind, input_size, resize, mean, std (docs/run-directory.md)
+
+
+def load_for_inference(source: str | None = None, *, weights: str | None = None,
+                       model: str | None = None) -> Loaded:
+    """A run directory or densenet checkpoint (``source``), or ``weights`` + ``model`` for a
+    torchvision/timm state-dict file. The model comes back in eval mode on the CPU."""
+    if weights is not None:
+        if source is not None:
+            raise UsageError("give either a run directory/checkpoint or --weights FILE --model "
+                             "NAME, not both.")
+        if model is None:
+            raise UsageError(f"--weights {weights} needs --model NAME (e.g. --model densenet121): "
+                             f"a torchvision or timm file holds weights but not the architecture.")
+        return _load_foreign(weights, model)
+    if source is None:
+        raise UsageError("give a run directory or checkpoint file (or --weights FILE --model NAME).")
+    if model is not None:
+        raise UsageError(f"--model is only for --weights files; {source} names its own model.")
+    path = resolve_checkpoint_path(source)
+    net, payload = load_model(path)
+    pre = payload.get("preprocess")
+    if not isinstance(pre, dict) or pre.get("kind") not in ("small", "imagenet"):
+        raise UsageError(f"{path} has no valid 'preprocess' entry (see docs/run-directory.md); "
+                         f"it was not written by 'densenet train'.")
+    classes = payload.get("classes")
+    return Loaded(_for_inference(net), payload["model"]["name"], str(path),
+                  [str(c) for c in classes] if classes is not None else None, dict(pre))
+
+
+def _load_foreign(weights: str, name: str) -> Loaded:
+    from .checkpoint import load_weights_into
+    info = model_info(name)
+    state = extract_state_dict(read_file(weights), weights)
+    head = state.get("classifier.weight")
+    overrides = {"num_classes": int(head.shape[0])} if head is not None and head.ndim == 2 else {}
+    net = create_model(name, **overrides)
+    load_weights_into(net, weights)
+    if info.input_size >= 64:
+        from .train import IMAGENET_MEAN, IMAGENET_STD
+        pre = {"kind": "imagenet", "input_size": info.input_size,
+               "resize": round(info.input_size * 256 / 224), "mean": IMAGENET_MEAN,
+               "std": IMAGENET_STD}
+    else:  # a small-image net: its normalisation is not in the file (eval takes the data's)
+        pre = {"kind": "small", "input_size": info.input_size, "resize": None, "mean": None,
+               "std": None}
+    return Loaded(_for_inference(net), name, str(weights), None, pre)
+
+
+def _for_inference(net: DenseNet) -> DenseNet:
+    # The memory-efficient block saves memory in the backward pass; without gradients the
+    # plain path frees each concatenation at once and is what export traces.
+    return net.set_implementation("reference").eval()
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet class names in torchvision's label order (wnids sorted)."""
+    from torchvision.models import DenseNet121_Weights
+    return list(DenseNet121_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+# ----------------------------------------------------------------------------- images
+
+def open_image(path: str | Path):
+    """An image file as an 8-bit RGB PIL image, whatever its mode; clear errors otherwise."""
+    from PIL import Image, UnidentifiedImageError
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"image {path} does not exist.")
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory, not an image file.")
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now: a truncated file fails here, not later
+            return to_rgb(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+            Image.DecompressionBombError) as e:
+        raise UsageError(f"{path} is not a readable image (corrupt, truncated, or not a format "
+                         f"Pillow reads): {str(e).splitlines()[0] if str(e) else type(e).__name__}."
+                         ) from None
+
+
+def to_rgb(img):
+    """8-bit RGB from any Pillow mode: 16/32-bit integer and float greyscale are scaled down,
+    palette, alpha, CMYK, YCbCr and 1-bit images converted as ImageFolder's loader does."""
+    from PIL import Image
+    if img.mode == "RGB":
+        return img.copy()
+    if img.mode.startswith("I") or img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode == "F" and a.size and np.nanmax(a) <= 1.0:
+            a = a * 255.0
+        elif img.mode.startswith("I;16") or (a.size and a.max() > 255):
+            a = a / 257.0  # 0..65535 -> 0..255
+        a = np.clip(np.nan_to_num(a), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(a, mode="L").convert("RGB")
+    return img.convert("RGB")
+
+
+def image_transform(pre: dict, ten_crop: bool = False):
+    """PIL image -> normalised tensor as in training: small images resized to the input size
+    (CIFAR style); large ones Resize(resize) + CenterCrop(input_size), or TenCrop -> (10, C, H, W)."""
+    from torchvision import transforms as T
+    normalize = T.Normalize(pre["mean"], pre["std"])
+    to_tensor = T.Compose([T.ToTensor(), normalize])
+    size = int(pre["input_size"])
+    if pre["kind"] == "small":
+        return T.Compose([T.Resize((size, size)), to_tensor])
+    resize = int(pre.get("resize") or round(size * 256 / 224))
+    if ten_crop:
+        return T.Compose([T.Resize(resize), T.TenCrop(size),
+                          T.Lambda(lambda crops: torch.stack([to_tensor(c) for c in crops]))])
+    return T.Compose([T.Resize(resize), T.CenterCrop(size), to_tensor])
+
+
+class _ImageFileSet(torch.utils.data.Dataset):
+    """(path, label) samples decoded with :func:`open_image` and one transform."""
+
+    def __init__(self, samples, transform):
+        self.samples, self.transform = list(samples), transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        return self.transform(open_image(path)), int(label)
+
+
+# ----------------------------------------------------------------------------- predict
+
+def predict(loaded: Loaded, images: Iterable[str | Path], topk: int = 5,
+            batch_size: int = 32, device: torch.device | str = "cpu") -> list[dict]:
+    """Top-k ``[(class name, probability), ...]`` for each image file, in order."""
+    pre = loaded.preprocess
+    if pre.get("mean") is None:
+        raise UsageError(f"{loaded.source} does not say how its inputs were normalised (a "
+                         f"small-image net from a foreign file); predict needs a checkpoint "
+                         f"written by 'densenet train'.")
+    names = loaded.classes
+    num_classes = loaded.model.classifier.out_features
+    if names is None:
+        names = imagenet_class_names() if num_classes == 1000 else [str(i) for i in range(num_classes)]
+    transform = image_transform(pre)
+    paths = [Path(p) for p in images]
+    tensors = [transform(open_image(p)) for p in paths]  # every path checked before any work
+    model = loaded.model.to(device).eval()
+    k = min(topk, num_classes)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(tensors), batch_size):
+            x = torch.stack(tensors[i:i + batch_size]).to(device)
+            probs = model(x).float().softmax(1)
+            p, idx = probs.topk(k, dim=1)
+            for j in range(x.shape[0]):
+                out.append({"image": str(paths[i + j]),
+                            "top": [(names[c], float(q)) for q, c in zip(p[j].tolist(), idx[j].tolist())]})
+    return out
+
+
+# ----------------------------------------------------------------------------- eval
+
+def class_index_map(data_classes: list[str], model_classes: list[str] | None,
+                    num_outputs: int, source: str) -> torch.Tensor:
+    """data label -> model label, matched by class name (so class-folder order does not matter)."""
+    data_classes = [str(c) for c in data_classes]
+    if model_classes is None:  # foreign weights: the data's order is the model's
+        if len(data_classes) > num_outputs:
+            raise UsageError(f"the data has {len(data_classes)} classes but the model in {source} "
+                             f"has only {num_outputs} outputs.")
+        return torch.arange(len(data_classes))
+    where = {c: i for i, c in enumerate(model_classes)}
+    missing = [c for c in data_classes if c not in where]
+    if missing:
+        shown = ", ".join(repr(c) for c in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise UsageError(f"the data has class(es) {shown} that the model in {source} was not "
+                         f"trained on (its classes: {', '.join(model_classes[:10])}"
+                         f"{' ...' if len(model_classes) > 10 else ''}); evaluate on data with "
+                         f"the same class names.")
+    return torch.tensor([where[c] for c in data_classes])
+
+
+def _relabelled(batches: Iterable, mapping: torch.Tensor) -> Iterator:
+    for x, y in batches:
+        yield x, mapping.to(y.device)[y]
+
+
+SPLITS = ("test", "val", "train")
+
+
+def _pick_split(ds, split: str | None):
+    if split is not None:
+        part = getattr(ds, split)
+        if part is None:
+            have = [s for s in SPLITS if getattr(ds, s) is not None]
+            raise UsageError(f"the data set has no {split} split (it has: {', '.join(have)}); "
+                             f"choose one with --split.")
+        return split, part
+    for name in SPLITS:  # the held-out part when there is one; a bare class folder otherwise
+        if getattr(ds, name) is not None:
+            return name, getattr(ds, name)
+    raise UsageError("the data set holds no images.")
+
+
+def evaluate(loaded: Loaded, data: str, split: str | None = None, ten_crop: bool = False,
+             batch_size: int | None = None, device: torch.device | str = "cpu",
+             workers: int = 2) -> dict:
+    """Top-1 / top-5 error (fractions) of ``loaded`` on a data set ``densenet train`` reads.
+
+    Small images are evaluated whole at their native size with the checkpoint's mean/std. Large
+    ones: Resize + CenterCrop (single crop) and, with ``ten_crop``, the paper's 10-crop (four
+    corners and centre, and their mirrors; softmax averaged); the single-crop numbers then come
+    from the centre crop of the same pass.
+    """
+    from . import data as data_mod
+    ds = data_mod.open_dataset(data)
+    split, part = _pick_split(ds, split)
+    device = torch.device(device)
+    model = loaded.model.to(device).eval()
+    mapping = class_index_map(ds.classes, loaded.classes, model.classifier.out_features, loaded.source)
+    pre = dict(loaded.preprocess)
+    if ds.small != (pre["kind"] == "small"):
+        raise UsageError(
+            f"{loaded.source} was trained on {'small (32 px)' if pre['kind'] == 'small' else 'large (ImageNet-size)'} "
+            f"images but {data} holds {'small' if ds.small else 'large'} ones; evaluate on data "
+            f"like the training data.")
+    result = {"model": loaded.name, "checkpoint": loaded.source, "data": str(data),
+              "dataset": ds.name, "split": split, "n": len(part)}
+    if ds.small:
+        if ten_crop:
+            raise UsageError("--ten-crop is the ImageNet protocol (224-pixel crops of a 256-pixel "
+                             "image); small-image (CIFAR/SVHN) models are evaluated on the whole "
+                             "32x32 image, as in the paper. Leave out --ten-crop.")
+        if pre.get("mean") is None:  # foreign small-image weights: normalise as training would
+            mean, std = ds.channel_stats()
+            pre["mean"], pre["std"] = [float(v) for v in mean], [float(v) for v in std]
+        if part.images.shape[-1] != pre["input_size"]:
+            raise UsageError(f"{data} holds {part.images.shape[-1]}-pixel images but the model "
+                             f"was trained on {pre['input_size']}-pixel ones.")
+        loader = data_mod.DeviceLoader(part.to(device), batch_size or 500, mean=pre["mean"],
+                                       std=pre["std"])
+        r = evaluate_batches(model, _relabelled(loader, mapping), device)
+        result["single_crop"] = {"top1_error": r["error"], "top5_error": r["top5_error"],
+                                 "loss": r["loss"]}
+        return result
+    if ten_crop:
+        dataset = _ImageFileSet(part.samples, image_transform(pre, ten_crop=True))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size or 16,
+                                             num_workers=workers, pin_memory=device.type == "cuda")
+        single, ten = evaluate_ten_crop(model, _relabelled(loader, mapping), device)
+        result["single_crop"] = single
+        result["ten_crop"] = ten
+        return result
+    loader = data_mod.make_file_loader(part, batch_size or 100, train=False, mean=pre["mean"],
+                                       std=pre["std"], input_size=pre["input_size"],
+                                       resize=pre.get("resize") or round(pre["input_size"] * 256 / 224),
+                                       workers=workers)
+    r = evaluate_batches(model, _relabelled(loader, mapping), device)
+    result["single_crop"] = {"top1_error": r["error"], "top5_error": r["top5_error"], "loss": r["loss"]}
+    return result
+
+
+def format_result(r: dict) -> str:
+    lines = [f"{r['model']} ({r['checkpoint']}) on {r['dataset']} {r['split']}: {r['n']:,} images",
+             f"{'protocol':<12} {'top-1 err':>10} {'top-5 err':>10}"]
+    for key, label in (("single_crop", "single crop"), ("ten_crop", "10-crop")):
+        if key in r:
+            lines.append(f"{label:<12} {100 * r[key]['top1_error']:>9.2f}% "
+                         f"{100 * r[key]['top5_error']:>9.2f}%")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but PyTorch sees no CUDA GPU here; use "
+                         "--device cpu (or auto).")
+    return torch.device(name)
+
+
+def _positive_int(text: str) -> int:
+    import argparse
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _add_source(p) -> None:
+    p.add_argument("source", nargs="?", metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="a training run directory (its best.pt) or a checkpoint file")
+    p.add_argument("--weights", metavar="FILE",
+                   help="a torchvision or timm state-dict file instead (needs --model)")
+    p.add_argument("--model", help="the architecture of --weights, e.g. densenet121")
+
+
+def _cmd_eval(args) -> int:
+    loaded = load_for_inference(args.source, weights=args.weights, model=args.model)
+    result = evaluate(loaded, args.data, args.split, args.ten_crop, args.batch_size,
+                      _device(args.device), args.workers)
+    if args.json == "-":
+        print(json.dumps(result, indent=2))
+        return 0
+    print(format_result(result))
+    if args.json:
+        from .checkpoint import atomic_write_json
+        atomic_write_json(args.json, result)
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    if args.weights is not None:  # no run directory then: the first positional is an image
+        args.images, args.source = [args.source, *args.images], None
+    if not args.images:
+        raise UsageError("give one or more IMAGE files to classify.")
+    loaded = load_for_inference(args.source, weights=args.weights, model=args.model)
+    results = predict(loaded, args.images, args.topk, device=_device(args.device))
+    if args.json:
+        print(json.dumps([{"image": r["image"], "top": [{"class": c, "probability": p}
+                                                        for c, p in r["top"]]} for r in results],
+                         indent=2))
+        return 0
+    for r in results:
+        print(r["image"])
+        for name, p in r["top"]:
+            print(f"  {p:7.4f}  {name}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="top-1/top-5 error of a trained model (single crop, 10-crop)",
+                       description="Top-1 and top-5 error of a run's model on any data set "
+                       "'densenet train' reads. Classes are matched by name, so class folders "
+                       "may be in any order. Large images: Resize + CenterCrop, and with "
+                       "--ten-crop the paper's 10-crop (softmax averaged).")
+    _add_source(p)
+    p.add_argument("--data", required=True, help="CIFAR archive/folder, SVHN folder or class folders")
+    p.add_argument("--split", choices=SPLITS,
+                   help="which part to evaluate (default: test, else val, else all images)")
+    p.add_argument("--ten-crop", action="store_true",
+                   help="also the 10-crop error (ImageNet-size images only)")
+    p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (large images)")
+    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                   help="print the numbers as JSON (or also write them to FILE)")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("predict", help="top-k classes of image files",
+                       description="The top-k class names with probabilities for each image "
+                       "(any size, any mode Pillow reads), preprocessed as the training data was.")
+    p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="a training run directory or a checkpoint file (left out with --weights)")
+    p.add_argument("images", nargs="*", metavar="IMAGE")
+    p.add_argument("--weights", metavar="FILE", help="a torchvision or timm state-dict file (needs --model)")
+    p.add_argument("--model", help="the architecture of --weights, e.g. densenet121")
+    p.add_argument("--topk", type=_positive_int, default=5)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_predict)
