@@ -1,0 +1,159 @@
+"""The paper's figures as PNG files: training curves (Figure 4, right), error against parameters
+or FLOPs (Figures 3 and 4), and the feature-reuse heat map (Figure 5).
+
+Figures are drawn on a bare ``matplotlib.figure.Figure`` with the Agg canvas (no pyplot, so no
+global state and no display needed) and written atomically, so a reader of ``curves.png`` never
+sees half a file while training rewrites it every epoch.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Sequence
+
+from .checkpoint import atomic_write_bytes
+
+__all__ = ["plot_curves", "plot_tradeoff", "plot_feature_reuse"]
+
+DPI = 100
+CURVES_SIZE = (10.0, 4.0)  # inches; the PNG is figsize * DPI pixels
+
+
+def _figure(figsize: tuple[float, float]):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=figsize, dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, out_path: str | os.PathLike) -> None:
+    buf = io.BytesIO()
+    # No bbox_inches="tight": the file is exactly figsize * DPI pixels, as asked.
+    fig.savefig(buf, format="png", dpi=DPI)
+    atomic_write_bytes(out_path, buf.getvalue())
+
+
+def _series(metrics: Sequence[dict], key: str, scale: float = 1.0) -> tuple[list, list]:
+    """(epochs, values) of one metric, skipping epochs where it is null (no validation data)."""
+    xs, ys = [], []
+    for i, row in enumerate(metrics):
+        value = row.get(key)
+        if value is None:
+            continue
+        xs.append(row.get("epoch", i + 1))
+        ys.append(value * scale)
+    return xs, ys
+
+
+def plot_curves(runs: Sequence[tuple[str, Sequence[dict]]], out_path: str | os.PathLike,
+                figsize: tuple[float, float] = CURVES_SIZE) -> None:
+    """Loss (left) and error in % (right) against epoch; solid = train, dashed = validation.
+
+    ``runs`` is a list of ``(label, metrics)`` with ``metrics`` the rows of ``metrics.jsonl``
+    (errors as fractions; ``val_loss``/``val_error`` may be null).
+    """
+    fig = _figure(figsize)
+    ax_loss, ax_err = fig.subplots(1, 2)
+    colors = [f"C{i % 10}" for i in range(len(runs))]
+    for (label, metrics), color in zip(runs, colors):
+        for ax, key, scale in ((ax_loss, "loss", 1.0), (ax_err, "error", 100.0)):
+            xs, ys = _series(metrics, f"train_{key}", scale)
+            if xs:
+                ax.plot(xs, ys, color=color, linestyle="-", marker="." if len(xs) < 30 else None,
+                        label=f"{label} train")
+            xs, ys = _series(metrics, f"val_{key}", scale)
+            if xs:
+                ax.plot(xs, ys, color=color, linestyle="--", marker="." if len(xs) < 30 else None,
+                        label=f"{label} validation")
+    ax_loss.set(xlabel="epoch", ylabel="loss (cross-entropy)", title="Loss")
+    ax_err.set(xlabel="epoch", ylabel="top-1 error (%)", title="Error")
+    for ax in (ax_loss, ax_err):
+        ax.grid(True, alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize="small")
+    fig.tight_layout()
+    _save(fig, out_path)
+
+
+def plot_tradeoff(points: Sequence[tuple[str, float, float]], out_path: str | os.PathLike,
+                  xlabel: str, figsize: tuple[float, float] = (6.0, 4.5)) -> None:
+    """Error (%) against parameters or FLOPs, one labelled point per run (Figures 3 and 4).
+
+    ``points`` is a list of ``(label, x, error)`` with ``error`` a fraction.
+    """
+    fig = _figure(figsize)
+    ax = fig.subplots()
+    if points:
+        xs = [p[1] for p in points]
+        ys = [100.0 * p[2] for p in points]
+        ax.scatter(xs, ys, color="C0", zorder=3)
+        for label, x, y in zip((p[0] for p in points), xs, ys):
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize="small")
+        if len(points) > 1:
+            order = sorted(range(len(xs)), key=xs.__getitem__)
+            ax.plot([xs[i] for i in order], [ys[i] for i in order], color="C0", alpha=0.4)
+    ax.set(xlabel=xlabel, ylabel="error (%)")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    _save(fig, out_path)
+
+
+def plot_feature_reuse(blocks: Sequence[dict], out_path: str | os.PathLike,
+                       title: str | None = None, panel_size: float = 4.0) -> None:
+    """Figure 5: one heat map per dense block, all on one colour scale.
+
+    Each entry of ``blocks`` is ``{"name", "matrix", "targets"}`` with ``matrix[s][t]`` the mean
+    absolute weight from source s (0 = the block's input, s = layer s) to target t (the block's
+    layers, then the transition or classification layer); null where t does not read s.
+    """
+    import numpy as np
+
+    mats = [np.array([[np.nan if v is None else v for v in row] for row in b["matrix"]], dtype=float)
+            for b in blocks]
+    finite = np.concatenate([m[np.isfinite(m)] for m in mats]) if mats else np.array([])
+    vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    fig = _figure((panel_size * len(blocks) + 1.0, panel_size))
+    axes = fig.subplots(1, len(blocks), squeeze=False)[0]
+    cmap = _reuse_cmap()
+    image = None
+    for ax, block, m in zip(axes, blocks, mats):
+        image = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=0.0, vmax=vmax,
+                          origin="upper", interpolation="nearest", aspect="auto")
+        n_src, n_tgt = m.shape
+        ax.set_title(block["name"])
+        ax.set_xlabel("target layer (l)")
+        ax.set_ylabel("source layer (s)")
+        ticks = _ticks(n_tgt)
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([block["targets"][t] for t in ticks],
+                           fontsize="small")
+        src_ticks = _ticks(n_src)
+        ax.set_yticks(src_ticks)
+        ax.set_yticklabels([str(s) for s in src_ticks], fontsize="small")
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), label="mean |weight|", fraction=0.03, pad=0.02)
+    if title:
+        fig.suptitle(title)
+    _save(fig, out_path)
+
+
+def _ticks(n: int) -> list[int]:
+    """Up to ~8 evenly spaced tick positions that always include the first and last."""
+    step = max(1, round(n / 8))
+    ticks = list(range(0, n, step))
+    if ticks[-1] != n - 1:
+        if n - 1 - ticks[-1] < step / 2:
+            ticks[-1] = n - 1
+        else:
+            ticks.append(n - 1)
+    return ticks
+
+
+def _reuse_cmap():
+    # The paper uses a red (strong) to blue (weak) scale; unused cells stay white.
+    from matplotlib import colormaps
+    cmap = colormaps["jet"].copy()
+    cmap.set_bad("white")
+    return cmap
