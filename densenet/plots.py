@@ -20,10 +20,10 @@ DPI = 100
 CURVES_SIZE = (10.0, 4.0)  # inches; the PNG is figsize * DPI pixels
 
 
-def _figure(figsize: tuple[float, float]):
+def _figure(figsize: tuple[float, float], layout: str | None = None):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    fig = Figure(figsize=figsize, dpi=DPI)
+    fig = Figure(figsize=figsize, dpi=DPI, layout=layout)
     FigureCanvasAgg(fig)
     return fig
 
@@ -106,7 +106,8 @@ def plot_feature_reuse(blocks: Sequence[dict], out_path: str | os.PathLike,
 
     Each entry of ``blocks`` is ``{"name", "matrix", "targets"}`` with ``matrix[s][t]`` the mean
     absolute weight from source s (0 = the block's input, s = layer s) to target t (the block's
-    layers, then the transition or classification layer); null where t does not read s.
+    layers "layer 1".."layer n", then "transition i" or "classifier"); null where t does not
+    read s.
     """
     import numpy as np
 
@@ -114,7 +115,7 @@ def plot_feature_reuse(blocks: Sequence[dict], out_path: str | os.PathLike,
             for b in blocks]
     finite = np.concatenate([m[np.isfinite(m)] for m in mats]) if mats else np.array([])
     vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-    fig = _figure((panel_size * len(blocks) + 1.0, panel_size))
+    fig = _figure((panel_size * len(blocks) + 1.0, panel_size), layout="constrained")
     axes = fig.subplots(1, len(blocks), squeeze=False)[0]
     cmap = _reuse_cmap()
     image = None
@@ -124,19 +125,28 @@ def plot_feature_reuse(blocks: Sequence[dict], out_path: str | os.PathLike,
         n_src, n_tgt = m.shape
         ax.set_title(block["name"])
         ax.set_xlabel("target layer (l)")
-        ax.set_ylabel("source layer (s)")
+        if ax is axes[0]:
+            ax.set_ylabel("source layer (s)")
         ticks = _ticks(n_tgt)
         ax.set_xticks(ticks)
-        ax.set_xticklabels([block["targets"][t] for t in ticks],
+        ax.set_xticklabels([_short(block["targets"][t]) for t in ticks],
                            fontsize="small")
         src_ticks = _ticks(n_src)
         ax.set_yticks(src_ticks)
         ax.set_yticklabels([str(s) for s in src_ticks], fontsize="small")
     if image is not None:
         fig.colorbar(image, ax=list(axes), label="mean |weight|", fraction=0.03, pad=0.02)
+    fig.supxlabel("last column: T = transition layer, C = classification layer", fontsize="small")
     if title:
         fig.suptitle(title)
     _save(fig, out_path)
+
+
+def _short(target: str) -> str:
+    """'layer 3' -> '3', 'transition 1' -> 'T', 'classifier' -> 'C'."""
+    if target.startswith("layer "):
+        return target[len("layer "):]
+    return {"classifier": "C"}.get(target, target[:1].upper())
 
 
 def _ticks(n: int) -> list[int]:
@@ -154,6 +164,4 @@ def _ticks(n: int) -> list[int]:
 def _reuse_cmap():
     # The paper uses a red (strong) to blue (weak) scale; unused cells stay white.
     from matplotlib import colormaps
-    cmap = colormaps["jet"].copy()
-    cmap.set_bad("white")
-    return cmap
+    return colormaps["jet"].with_extremes(bad="white")

@@ -1,0 +1,570 @@
+"""The paper's analyses on any model or trained run (SPEC section 7).
+
+- :func:`summary`: Table 1's layout for any model - each stage with its output size, channels,
+  layers, parameters and multiply-adds.
+- :func:`feature_reuse`: Figure 5's matrices - how strongly each layer reads each earlier layer.
+- :func:`load_run` / :func:`report`: a Table-2-style comparison of runs with the paper.
+
+Commands: ``densenet models``, ``summary``, ``analyze``, ``plot``, ``report``.
+
+FLOPs here are multiply-adds (MACs) of the convolutions and the linear layer, as torchvision's
+"GFLOPS" (2.834 for DenseNet-121) and the paper's Figure 3 count them; BN, ReLU and pooling are
+not counted. They are computed from the layer shapes of a model built on the ``meta`` device
+(no memory, no arithmetic), so even DenseNet-264 takes milliseconds; the tests check them
+against ``torch.utils.flop_counter`` on a real forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from .errors import UsageError
+from .model import DenseBlock, DenseNet, Transition, create_model, list_models, model_info
+from .paper import RECIPE_COLUMNS, paper_error
+
+__all__ = ["summary", "models_table", "feature_reuse", "load_run", "report"]
+
+# Overrides that leave a paper architecture the paper's (anything else makes it another net).
+_ARCH_NEUTRAL = {"num_classes", "drop_rate", "implementation"}
+
+
+# ----------------------------------------------------------------------------- Table 1
+
+def _meta_model(name: str, **overrides) -> DenseNet:
+    with torch.device("meta"):
+        model = create_model(name, **overrides)
+    return model.eval().set_implementation("reference")
+
+
+def _stages(model: DenseNet) -> list[tuple[str, str, list[nn.Module]]]:
+    """(name, kind, modules) of Table 1's rows, in forward order; the head is built separately."""
+    stages: list[tuple[str, str, list[nn.Module]]] = []
+    for child_name, child in model.features.named_children():
+        if child_name in ("conv0", "norm0", "relu0"):
+            if not stages or stages[-1][1] != "conv":
+                stages.append(("Convolution", "conv", []))
+            stages[-1][2].append(child)
+        elif child_name == "pool0":
+            stages.append(("Pooling", "pool", [child]))
+        elif isinstance(child, DenseBlock):
+            stages.append((f"Dense Block ({child_name[len('denseblock'):]})", "block", [child]))
+        elif isinstance(child, Transition):
+            stages.append((f"Transition Layer ({child_name[len('transition'):]})", "transition", [child]))
+        elif child_name == "norm5":
+            stages.append(("Classification Layer", "head", [child]))
+        else:  # a module this summary does not know: count it where it sits
+            stages.append((child_name, "other", [child]))
+    return stages
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _composition(kind: str, modules: list[nn.Module], model: DenseNet, size: tuple[int, int]) -> str:
+    """Table 1's 'layer' column, e.g. '[1x1 conv, 3x3 conv] x 6'."""
+    m = modules[0]
+    if kind == "conv":
+        kh, kw = _pair(m.kernel_size)
+        stride = _pair(m.stride)[0]
+        return f"{kh}x{kw} conv" + (f", stride {stride}" if stride != 1 else "")
+    if kind == "pool":
+        k = _pair(m.kernel_size)[0]
+        s = _pair(m.stride)[0]
+        what = "max" if isinstance(m, nn.MaxPool2d) else "average"
+        return f"{k}x{k} {what} pool, stride {s}"
+    if kind == "block":
+        layer = next(iter(m.values()))
+        convs = [c for c in layer.modules() if isinstance(c, nn.Conv2d)]
+        inner = ", ".join(f"{_pair(c.kernel_size)[0]}x{_pair(c.kernel_size)[1]} conv" for c in convs)
+        return f"[{inner}] x {len(m)}"
+    if kind == "transition":
+        return "1x1 conv, 2x2 average pool, stride 2"
+    if kind == "head":
+        classes = getattr(model.classifier, "out_features", None)
+        fc = f", {classes}D fully-connected, softmax" if classes else ""
+        return f"{size[0]}x{size[1]} global average pool" + fc
+    return type(m).__name__
+
+
+def _out_side(n: int, kernel: int, stride: int, padding: int, dilation: int, ceil: bool) -> int:
+    span = n + 2 * padding - dilation * (kernel - 1) - 1
+    return (-(-span // stride) if ceil else span // stride) + 1
+
+
+def _trace(module: nn.Module, c: int, h: int, w: int) -> tuple[int, int, int, int]:
+    """(channels, height, width, MACs) after ``module`` for a (c, h, w) input, from the shapes
+    alone (no forward pass): convolution MACs = outputs x (in / groups) x kernel area."""
+    if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+        k, s, p = _pair(module.kernel_size), _pair(module.stride or module.kernel_size), _pair(module.padding)
+        d = _pair(getattr(module, "dilation", 1))
+        ceil = getattr(module, "ceil_mode", False)
+        h2, w2 = (_out_side(h, k[0], s[0], p[0], d[0], ceil), _out_side(w, k[1], s[1], p[1], d[1], ceil))
+        if h2 < 1 or w2 < 1:
+            raise UsageError(f"the input is too small: a {k[0]}x{k[1]} {type(module).__name__} "
+                             f"meets a {h}x{w} map. Use a larger --input-size.")
+        if isinstance(module, nn.Conv2d):
+            macs = module.out_channels * h2 * w2 * (module.in_channels // module.groups) * k[0] * k[1]
+            return module.out_channels, h2, w2, macs
+        return c, h2, w2, 0
+    if isinstance(module, nn.Linear):
+        return module.out_features, 1, 1, module.in_features * module.out_features
+    if isinstance(module, DenseBlock):
+        macs = 0
+        for i, layer in enumerate(module.values()):
+            _, lh, lw, m = _trace(layer, module.in_channels + i * module.growth_rate, h, w)
+            if (lh, lw) != (h, w):
+                raise UsageError(f"a dense layer changed the map size from {h}x{w} to {lh}x{lw}.")
+            macs += m
+        return module.out_channels, h, w, macs
+    if isinstance(module, (nn.BatchNorm2d, nn.ReLU, nn.Dropout, nn.Identity)):
+        return c, h, w, 0
+    children = list(module.children())  # Sequential, Transition, DenseLayer: in forward order
+    if not children:
+        raise TypeError(f"summary does not know how to trace {type(module).__name__}")
+    macs = 0
+    for child in children:
+        c, h, w, m = _trace(child, c, h, w)
+        macs += m
+    return c, h, w, macs
+
+
+def _summarize(model: DenseNet, input_size: int, in_channels: int = 3) -> list[dict]:
+    """One row per Table 1 stage: output size, channels, layers, parameters and MACs."""
+    c, h, w = in_channels, input_size, input_size
+    rows = []
+    for name, kind, modules in _stages(model):
+        in_ch, macs = c, 0
+        for m in modules:
+            c, h, w, mm = _trace(m, c, h, w)
+            macs += mm
+        params = sum(p.numel() for m in modules for p in m.parameters())
+        depth = sum(isinstance(x, (nn.Conv2d, nn.Linear)) for m in modules for x in m.modules())
+        size = (h, w)
+        if kind == "head":  # norm5, then ReLU, global average pool and the classifier
+            c, _, _, mm = _trace(model.classifier, c, 1, 1)
+            macs += mm
+            params += sum(p.numel() for p in model.classifier.parameters())
+            depth += isinstance(model.classifier, nn.Linear)
+            h, w = 1, 1
+        rows.append({
+            "stage": name, "kind": kind, "output_size": [h, w],
+            "in_channels": int(in_ch), "out_channels": int(c),
+            "layers": len(modules[0]) if kind == "block" else None,
+            "depth": int(depth), "params": int(params), "macs": int(macs),
+            "composition": _composition(kind, modules, model, size),
+        })
+    return rows
+
+
+def summary(name: str, input_size: int | None = None, num_classes: int | None = None) -> dict:
+    """Table 1 for any model name: stages, their sizes, parameters and MACs, and totals.
+
+    ``input_size`` defaults to the model's native size (224 ImageNet, 32 CIFAR/SVHN).
+    """
+    info = model_info(name)
+    if input_size is None:
+        input_size = info.input_size
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
+        raise UsageError(f"input size must be a positive integer, got {input_size!r}.")
+    overrides = {} if num_classes is None else {"num_classes": num_classes}
+    model = _meta_model(name, **overrides)
+    try:
+        rows = _summarize(model, input_size)
+    except UsageError as e:
+        raise UsageError(f"{name} at input size {input_size}: {e}") from None
+    return {
+        "model": name, "description": info.description, "input_size": input_size,
+        "num_classes": model.classifier.out_features, "growth_rate": model.growth_rate,
+        "stages": rows,
+        "totals": {"params": sum(r["params"] for r in rows), "macs": sum(r["macs"] for r in rows),
+                   "depth": sum(r["depth"] for r in rows)},
+    }
+
+
+def models_table() -> list[dict]:
+    """Every registered model with its parameters and MACs at its native input size."""
+    out = []
+    for name in list_models():
+        s = summary(name)
+        out.append({"name": name, "description": s["description"], "params": s["totals"]["params"],
+                    "macs": s["totals"]["macs"], "input_size": s["input_size"],
+                    "num_classes": s["num_classes"]})
+    return out
+
+
+def _si(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_summary(s: dict) -> str:
+    head = (f"{s['model']} - {s['description']}: {s['input_size']}x{s['input_size']} input, "
+            f"{s['num_classes']} classes, growth rate k={s['growth_rate']}, depth L={s['totals']['depth']}")
+    cols = f"{'stage':<24} {'output':>9} {'in ch':>6} {'out ch':>6} {'layers':>6} {'depth':>5} {'params':>12} {'MACs':>9}  composition"
+    lines = [head, "", cols, "-" * len(cols)]
+    for r in s["stages"]:
+        h, w = r["output_size"]
+        lines.append(f"{r['stage']:<24} {f'{h}x{w}':>9} {r['in_channels']:>6} {r['out_channels']:>6} "
+                     f"{'' if r['layers'] is None else r['layers']:>6} {r['depth']:>5} "
+                     f"{r['params']:>12,} {_si(r['macs']):>9}  {r['composition']}")
+    t = s["totals"]
+    lines.append("-" * len(cols))
+    lines.append(f"{'total':<24} {'':>9} {'':>6} {'':>6} {'':>6} {t['depth']:>5} {t['params']:>12,} "
+                 f"{_si(t['macs']):>9}  ({t['macs']:,} multiply-adds)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- Figure 5
+
+def _source_bounds(block: DenseBlock) -> list[int]:
+    """Channel offsets of the sources in a block's concatenation: source s (0 = the block's
+    input, s >= 1 = layer s) is channels bounds[s]:bounds[s + 1]."""
+    k0, k = block.in_channels, block.growth_rate
+    return [0] + [k0 + j * k for j in range(len(block) + 1)]
+
+
+def _mean_abs_by_source(weight: torch.Tensor, bounds: list[int], n_sources: int) -> list[float]:
+    # Mean |w| over every weight that reads source s (all filters, its maps, the kernel): the
+    # L1 norm normalised by the number of weights, as the paper's Figure 5.
+    w = weight.detach().float().abs()
+    return [w[:, bounds[s]:bounds[s + 1]].mean().item() for s in range(n_sources)]
+
+
+def feature_reuse(model: DenseNet) -> list[dict]:
+    """Figure 5's matrix for every dense block of ``model``.
+
+    ``matrix[s][t]`` is the mean absolute weight of the first convolution of target t that
+    reads the maps of source s: s = 0 is the block's input and s = 1..n its layers' outputs;
+    t = 0..n-1 are the block's layers (layer t+1 reads sources 0..t; null for the sources it
+    cannot see) and the last target is the transition layer after the block or, after the last
+    block, the classification layer (both read all n+1 sources).
+    """
+    if not isinstance(model, DenseNet):
+        raise UsageError(f"feature reuse needs a DenseNet, got {type(model).__name__}.")
+    children = list(model.features.named_children())
+    out = []
+    for i, (name, block) in enumerate(children):
+        if not isinstance(block, DenseBlock):
+            continue
+        n = len(block)
+        bounds = _source_bounds(block)
+        matrix: list[list[float | None]] = [[None] * (n + 1) for _ in range(n + 1)]
+        for t, layer in enumerate(block.values()):
+            for s, v in enumerate(_mean_abs_by_source(layer.conv1.weight, bounds, t + 1)):
+                matrix[s][t] = v
+        after = next((m for _, m in children[i + 1:] if isinstance(m, (Transition, DenseBlock))), None)
+        if isinstance(after, Transition):
+            last, last_weight = f"transition {name[len('denseblock'):]}", after.conv.weight
+        elif after is None and isinstance(model.classifier, nn.Linear):
+            last, last_weight = "classifier", model.classifier.weight
+        else:
+            last, last_weight = None, None
+        if last_weight is not None:
+            for s, v in enumerate(_mean_abs_by_source(last_weight, bounds, n + 1)):
+                matrix[s][n] = v
+        targets = [f"layer {t + 1}" for t in range(n)] + [last or "none"]
+        out.append({"name": f"dense block {name[len('denseblock'):]}", "sources": n + 1,
+                    "targets": targets, "matrix": matrix})
+    return out
+
+
+def analyze(source: str | Path, out: str | Path, json_path: str | Path | None = None) -> dict:
+    """Figure 5 of a run directory or checkpoint: the heat map PNG and (optionally) its JSON."""
+    from .checkpoint import atomic_write_json, load_model
+    from .plots import plot_feature_reuse
+    model, payload = load_model(source)
+    name = payload["model"]["name"]
+    blocks = feature_reuse(model)
+    result = {"model": name, "source": str(source), "epoch": payload.get("epoch"),
+              "normalisation": "mean absolute weight over the filters' weights that read each "
+                               "source (L1 norm / number of weights)",
+              "blocks": blocks}
+    plot_feature_reuse(blocks, out, title=f"Feature reuse: {name} ({Path(source).name}"
+                       + (f", epoch {payload['epoch']})" if payload.get("epoch") else ")"))
+    if json_path is not None:
+        atomic_write_json(json_path, result)
+    return result
+
+
+# ----------------------------------------------------------------------------- runs
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path} is not readable JSON ({e}).") from None
+
+
+def load_run(path: str | Path) -> dict:
+    """A training run directory: its config, result (None while running) and metrics rows."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"run directory {path} does not exist.")
+    if not path.is_dir():
+        raise UsageError(f"{path} is not a directory; give a training run directory "
+                         f"(made by 'densenet train --out RUN_DIR').")
+    config = _read_json(path / "config.json") if (path / "config.json").is_file() else None
+    result = _read_json(path / "result.json") if (path / "result.json").is_file() else None
+    metrics = []
+    if (path / "metrics.jsonl").is_file():
+        for i, line in enumerate((path / "metrics.jsonl").read_text().splitlines()):
+            if not line.strip():
+                continue
+            try:
+                metrics.append(json.loads(line))
+            except ValueError:
+                raise UsageError(f"{path / 'metrics.jsonl'} line {i + 1} is not JSON.") from None
+    if config is None and result is None and not metrics:
+        raise UsageError(f"{path} is not a training run directory: it has no config.json, "
+                         f"result.json or metrics.jsonl.")
+    return {"name": path.name, "path": str(path), "config": config, "result": result,
+            "metrics": metrics}
+
+
+def _run_model(run: dict) -> tuple[str | None, dict]:
+    cfg, res = run["config"] or {}, run["result"] or {}
+    name = cfg.get("model") or res.get("model")
+    overrides = dict(cfg.get("model_overrides") or {})
+    if "num_classes" not in overrides and cfg.get("num_classes"):
+        overrides["num_classes"] = cfg["num_classes"]
+    return name, overrides
+
+
+def _run_shape(run: dict) -> dict:
+    """Depth L, growth rate k, parameters and MACs of a run's model (from result.json where
+    it has them, else from the model's definition)."""
+    name, overrides = _run_model(run)
+    res = run["result"] or {}
+    out = {"model": name, "depth": None, "k": None, "params": res.get("params"),
+           "macs": res.get("flops")}
+    if name is None:
+        return out
+    try:
+        model = _meta_model(name, **{k: v for k, v in overrides.items() if k != "implementation"})
+    except UsageError:
+        return out
+    out["depth"] = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+    out["k"] = model.growth_rate
+    if out["params"] is None:
+        out["params"] = sum(p.numel() for p in model.parameters())
+    if out["macs"] is None:
+        size = (run["config"] or {}).get("input_size") or model_info(name).input_size
+        out["macs"] = sum(r["macs"] for r in _summarize(model, size))
+    return out
+
+
+def _run_errors(run: dict) -> dict:
+    res = run["result"] or {}
+    last_val = next((m.get("val_error") for m in reversed(run["metrics"])
+                     if m.get("val_error") is not None), None)
+    best_val = res.get("best_val_error")
+    if best_val is None:
+        vals = [m["val_error"] for m in run["metrics"] if m.get("val_error") is not None]
+        best_val = min(vals) if vals else None
+    return {"final_val_error": res.get("final_val_error", last_val), "best_val_error": best_val,
+            "test_error": res.get("test_error")}
+
+
+def report(paths: Sequence[str | Path]) -> list[dict]:
+    """One row per run: model, L, k, params, recipe, errors, and the paper's error beside it."""
+    rows = []
+    for p in paths:
+        run = load_run(p)
+        shape = _run_shape(run)
+        cfg, res = run["config"] or {}, run["result"] or {}
+        recipe = cfg.get("recipe") or res.get("recipe")
+        _, overrides = _run_model(run)
+        paper = None
+        if shape["model"] and recipe and set(overrides) <= _ARCH_NEUTRAL:
+            paper = paper_error(shape["model"], recipe)
+        errors = _run_errors(run)
+        measured = errors["test_error"] if errors["test_error"] is not None else errors["final_val_error"]
+        rows.append({"run": run["name"], **shape, "recipe": recipe,
+                     "epochs": len(run["metrics"]) or res.get("epochs"), **errors,
+                     "paper_error": paper, "paper_column": RECIPE_COLUMNS.get(recipe),
+                     "difference": None if paper is None or measured is None else measured - paper,
+                     "complete": run["result"] is not None})
+    return rows
+
+
+def format_report(rows: list[dict], markdown: bool = False) -> str:
+    """The report as an aligned text table or a Markdown table (errors in %)."""
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}"
+
+    def signed(v):
+        return "-" if v is None else f"{100 * v:+.2f}"
+
+    header = ["run", "model", "L", "k", "params", "recipe", "epochs", "best val err %",
+              "test err %", "paper err %", "diff"]
+    body = [[r["run"] + ("" if r["complete"] else " (running)"), r["model"] or "-",
+             str(r["depth"] or "-"), str(r["k"] or "-"),
+             "-" if r["params"] is None else f"{r['params']:,}", r["recipe"] or "-",
+             str(r["epochs"] or "-"), pct(r["best_val_error"]), pct(r["test_error"]),
+             pct(r["paper_error"]), signed(r["difference"])] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |",
+                 "|" + "|".join("---" if i < 2 or i == 5 else "---:" for i in range(len(header))) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+    else:
+        widths = [max(len(c[i]) for c in [header, *body]) for i in range(len(header))]
+        fmt = lambda row: "  ".join(c.ljust(w) if i in (0, 1, 5) else c.rjust(w)
+                                    for i, (c, w) in enumerate(zip(row, widths)))
+        lines = [fmt(header), fmt(["-" * w for w in widths])] + [fmt(b) for b in body]
+    lines.append("")
+    lines.append("paper err: Table 2 test error for the run's recipe column (C10, C10+, C100, "
+                 "C100+, SVHN) or Table 3 single-crop top-1 (imagenet); diff = test error (else "
+                 "final validation error) minus the paper's.")
+    return "\n".join(lines)
+
+
+def _tradeoff_points(runs: list[dict], kind: str) -> tuple[list, str]:
+    points = []
+    label = None
+    for run in runs:
+        shape = _run_shape(run)
+        errors = _run_errors(run)
+        for key, what in (("test_error", "test"), ("final_val_error", "validation"),
+                          ("best_val_error", "best validation")):
+            if errors[key] is not None:
+                err = errors[key]
+                label = label or what
+                break
+        else:
+            raise UsageError(f"run {run['path']} has no error to plot yet (no validation or "
+                             f"test error in result.json or metrics.jsonl).")
+        x = shape["params"] if kind == "params" else shape["macs"]
+        if x is None:
+            raise UsageError(f"cannot tell the model of run {run['path']} (no config.json or "
+                             f"result.json naming it).")
+        points.append((f"{run['name']} ({shape['model']})", x, err))
+    return points, label
+
+
+def plot_runs(paths: Sequence[str | Path], out: str | Path, kind: str = "curves") -> None:
+    """Figure 4 style: training curves of runs overlaid, or error against params/FLOPs."""
+    from .plots import plot_curves, plot_tradeoff
+    runs = [load_run(p) for p in paths]
+    if kind == "curves":
+        for run in runs:
+            if not run["metrics"]:
+                raise UsageError(f"run {run['path']} has no metrics.jsonl rows yet (no finished "
+                                 f"epoch); nothing to plot.")
+        plot_curves([(run["name"], run["metrics"]) for run in runs], out)
+        return
+    points, label = _tradeoff_points(runs, kind)
+    xlabel = "parameters" if kind == "params" else "FLOPs (multiply-adds per image)"
+    plot_tradeoff(points, out, xlabel=xlabel)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def _cmd_models(args) -> int:
+    table = models_table()
+    if args.json:
+        _print_json(table)
+        return 0
+    print(f"{'name':<20} {'params':>12} {'MACs':>9} {'input':>5}  description")
+    for r in table:
+        print(f"{r['name']:<20} {r['params']:>12,} {_si(r['macs']):>9} {r['input_size']:>5}  {r['description']}")
+    print("\nMACs: multiply-adds of one forward pass at the input size (convolutions and the "
+          "classifier). Any CIFAR shape also works by name: densenet_bc{L}_k{k}, densenet{L}_k{k}.")
+    return 0
+
+
+def _cmd_summary(args) -> int:
+    s = summary(args.name, input_size=args.input_size, num_classes=args.num_classes)
+    if args.json:
+        _print_json(s)
+    else:
+        print(format_summary(s))
+    return 0
+
+
+def _cmd_analyze(args) -> int:
+    result = analyze(args.source, args.out, args.json)
+    for b in result["blocks"]:
+        print(f"{b['name']}: {b['sources']} sources x {len(b['targets'])} targets (last: {b['targets'][-1]})")
+    print(f"wrote {args.out}" + (f" and {args.json}" if args.json else ""))
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    plot_runs(args.runs, args.out, args.kind)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    rows = report(args.runs)
+    if args.json:
+        _print_json(rows)
+    else:
+        print(format_report(rows, markdown=args.markdown))
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    import argparse
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def register(sub) -> None:
+    p = sub.add_parser("models", help="every registered model with parameters and FLOPs",
+                       description="Every registered model: parameters, multiply-adds at its "
+                       "native input size, input size.")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("summary", help="the paper's Table 1 for any model",
+                       description="Table 1's layout for any model: each stage with output size, "
+                       "channels, layers, parameters and multiply-adds, and the totals.")
+    p.add_argument("name", help="model name ('densenet models'), or densenet_bc{L}_k{k} / densenet{L}_k{k}")
+    p.add_argument("--input-size", type=_positive_int, help="input side in pixels (default: the model's)")
+    p.add_argument("--num-classes", type=_positive_int, help="classifier outputs (default: the model's)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_summary)
+
+    p = sub.add_parser("analyze", help="feature-reuse heat map of a trained net (Figure 5)",
+                       description="Figure 5 of the paper for a run or checkpoint: per dense block, "
+                       "the mean absolute weight with which each layer reads each earlier layer, "
+                       "with the transition / classification layer as the last column.")
+    p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("--out", required=True, metavar="FIG.png")
+    p.add_argument("--json", metavar="FILE", help="also write the matrices as JSON")
+    p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser("plot", help="training curves, or error vs parameters/FLOPs, of runs",
+                       description="Figure 4 style plots of run directories: training curves "
+                       "overlaid (--kind curves), or error against parameters or FLOPs.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, metavar="FIG.png")
+    p.add_argument("--kind", choices=["curves", "params", "flops"], default="curves")
+    p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser("report", help="Table 2 of your runs beside the paper's numbers",
+                       description="One row per run: model, depth L, growth rate k, parameters, "
+                       "recipe, validation and test error, and the paper's error for the same "
+                       "model and recipe (Table 2, or Table 3 for imagenet).")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--markdown", action="store_true", help="a Markdown table")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_report)
