@@ -155,7 +155,7 @@ def open_dataset(path: str | Path, *, download: bool = False, name: str | None =
     cache = Path(cache_dir if cache_dir is not None
                  else os.environ.get("DENSENET_CACHE", "~/.cache/densenet")).expanduser()
     if kind in ("cifar10", "cifar100"):
-        return _cached(cache, kind, [where], {}, lambda: _load_cifar(kind, where))
+        return _cached(cache, kind, where, {}, _file_stamps([where]), lambda: _load_cifar(kind, where))
     if kind == "svhn":
         files = [where / f"{s}_32x32.mat" for s in ("train", "test")]
         if svhn_extra:
@@ -165,7 +165,8 @@ def open_dataset(path: str | Path, *, download: bool = False, name: str | None =
                     f"is missing. Download it from {SVHN_URL}extra_32x32.mat into {where} (or use "
                     f"--download), or train on train_32x32.mat alone with svhn_extra off.")
             files.append(where / "extra_32x32.mat")
-        return _cached(cache, kind, [f for f in files if f.exists()], {"extra": svhn_extra},
+        stamps = _file_stamps([f for f in files if f.exists()])
+        return _cached(cache, kind, where, {"extra": svhn_extra}, stamps,
                        lambda: _load_svhn(where, svhn_extra))
     return _open_folder(where, cache)
 
@@ -197,22 +198,24 @@ def _detect(path: Path) -> tuple[str, Path] | None:
 
 # ----------------------------------------------------------------------------- cache
 
-def _file_key(files: list[Path]) -> list:
+def _file_stamps(files: list[Path]) -> list:
+    """[path, size, mtime] of each file (of each file under a folder): what the cache keys on."""
     out = []
     for f in files:
         for p in sorted(f.rglob("*")) if f.is_dir() else [f]:
             if p.is_file():
-                st = p.stat()
-                out.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+                out.append([str(p.resolve()), *_stat(p)])
     return out
 
 
-def _cached(cache: Path, kind: str, files: list[Path], options: dict, build, listing=None) -> Dataset:
-    """Load the decoded data set from the cache, or build it and try to cache it."""
-    key_src = {"version": CACHE_VERSION, "kind": kind, "options": options,
-               "files": listing if listing is not None else _file_key(files)}
-    key = hashlib.sha256(json.dumps(key_src).encode()).hexdigest()
-    cache_file = cache / f"{kind}-{key[:20]}.pt"
+def _cached(cache: Path, kind: str, where: Path, options: dict, stamps: list, build) -> Dataset:
+    """Load the decoded data set from the cache, or build it and try to cache it.
+
+    One cache file per data location and options, overwritten when the files' stamps change,
+    so stale copies do not pile up."""
+    slot = json.dumps({"kind": kind, "where": str(where.resolve()), "options": options})
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, slot, stamps]).encode()).hexdigest()
+    cache_file = cache / f"{kind}-{hashlib.sha256(slot.encode()).hexdigest()[:16]}.pt"
     if cache_file.is_file():
         try:
             blob = torch.load(cache_file, map_location="cpu", weights_only=True)
@@ -315,7 +318,8 @@ def _read_cifar_files(where: Path, names: list[str]) -> dict[str, bytes]:
     return out
 
 
-def _cifar_split(batch: dict, label_key: str, where: str) -> ImageTensors:
+def _cifar_batch(raw: bytes, label_key: str, where: str) -> ImageTensors:
+    batch = _unpickle(raw, where)
     try:
         data = np.asarray(batch["data"], dtype=np.uint8)
         labels = np.asarray(batch[label_key], dtype=np.int64)
@@ -329,24 +333,27 @@ def _cifar_split(batch: dict, label_key: str, where: str) -> ImageTensors:
 
 def _load_cifar(kind: str, where: Path) -> Dataset:
     if kind == "cifar10":
-        train_names, test_name, meta_name = [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "batches.meta"
-        label_key, names_key = "labels", "label_names"
+        train_names, test_name = [f"data_batch_{i}" for i in range(1, 6)], "test_batch"
+        meta_name, label_key, names_key = "batches.meta", "labels", "label_names"
     else:
-        train_names, test_name, meta_name = ["train"], "test", "meta"
-        label_key, names_key = "fine_labels", "fine_label_names"
+        train_names, test_name = ["train"], "test"
+        meta_name, label_key, names_key = "meta", "fine_labels", "fine_label_names"
     raw = _read_cifar_files(where, train_names + [test_name, meta_name])
     meta = _unpickle(raw[meta_name], f"{where}:{meta_name}")
     if names_key not in meta:
         raise UsageError(f"{where}:{meta_name} has no {names_key}; it is not a {kind} meta file.")
     classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[names_key]]
-    parts = [_cifar_split(_unpickle(raw[n], f"{where}:{n}"), label_key, f"{where}:{n}")
-             for n in train_names]
-    train = ImageTensors(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]))
-    test = _cifar_split(_unpickle(raw[test_name], f"{where}:{test_name}"), label_key, f"{where}:{test_name}")
-    for split in (train, test):
-        if len(split) and not 0 <= int(split.labels.min()) <= int(split.labels.max()) < len(classes):
-            raise UsageError(f"{where} has labels outside 0..{len(classes) - 1}; the files are corrupt.")
-    return Dataset(name=kind, classes=classes, train=train, val=None, test=test)
+
+    def split(names: list[str]) -> ImageTensors:
+        parts = [_cifar_batch(raw[n], label_key, f"{where}:{n}") for n in names]
+        labels = torch.cat([p.labels for p in parts])
+        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(classes):
+            raise UsageError(f"{where} has labels outside 0..{len(classes) - 1}; the files are "
+                             f"corrupt. Download the archive again.")
+        return ImageTensors(torch.cat([p.images for p in parts]), labels)
+
+    return Dataset(name=kind, classes=classes, train=split(train_names), val=None,
+                   test=split([test_name]))
 
 
 # ----------------------------------------------------------------------------- SVHN
@@ -382,7 +389,8 @@ def _load_svhn(where: Path, extra: bool) -> Dataset:
     train = _load_svhn_mat(train_file)
     if extra:
         more = _load_svhn_mat(where / "extra_32x32.mat")
-        train = ImageTensors(torch.cat([train.images, more.images]), torch.cat([train.labels, more.labels]))
+        train = ImageTensors(torch.cat([train.images, more.images]),
+                             torch.cat([train.labels, more.labels]))
     test = _load_svhn_mat(where / "test_32x32.mat") if (where / "test_32x32.mat").is_file() else None
     return Dataset(name="svhn", classes=[str(d) for d in range(10)], train=train, val=None, test=test)
 
@@ -437,9 +445,8 @@ def _open_folder(root: Path, cache: Path) -> Dataset:
         parts = {s: ImageFiles([(str(p), y) for p, y in splits[s]]) if s in splits else None
                  for s in ("train", "val", "test")}
         return Dataset(name="imagenet", classes=classes, **parts)
-    listing = [[s, str(root.resolve())] + [[str(p.relative_to(root)), *_stat(p)] for p, _ in splits[s]]
-               for s in splits]
-    return _cached(cache, "folder", [], {}, lambda: _decode_folder(classes, splits), listing=listing)
+    stamps = [[s] + [[str(p.relative_to(root)), *_stat(p)] for p, _ in splits[s]] for s in splits]
+    return _cached(cache, "folder", root, {}, stamps, lambda: _decode_folder(classes, splits))
 
 
 def _stat(p: Path) -> tuple[int, int]:
@@ -707,7 +714,8 @@ def download(name: str, root: Path, *, svhn_extra: bool = True) -> None:
         try:
             root.mkdir(parents=True, exist_ok=True)
             digest = hashlib.md5()
-            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(part, "wb") as f:
+            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, \
+                    open(part, "wb") as f:
                 while chunk := response.read(1 << 20):
                     digest.update(chunk)
                     f.write(chunk)

@@ -4,6 +4,7 @@ the hold-out split, the cache, downloads (offline only) and the errors a user ca
 import io
 import os
 import pickle
+import struct
 import tarfile
 from pathlib import Path
 
@@ -31,8 +32,23 @@ def _rows(n, seed):
     return np.random.default_rng(seed).integers(0, 256, (n, 3072), dtype=np.uint8)
 
 
+class _Py2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2 `str` (BINSTRING), as the official CIFAR files do."""
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_str8(self, obj):
+        n = len(obj)
+        self.write(pickle.SHORT_BINSTRING + bytes([n]) + obj if n < 256
+                   else pickle.BINSTRING + struct.pack("<i", n) + obj)
+        self.memoize(obj)
+    dispatch[bytes] = _save_str8
+
+
 def _pickle(obj) -> bytes:
-    return pickle.dumps(obj, protocol=2)
+    """A pickle like the official CIFAR files: protocol 2, Python 2 strings, numpy 1 names."""
+    buf = io.BytesIO()
+    _Py2Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue().replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
 
 
 def make_cifar10(root: Path, per_batch=6, archive=False) -> Path:
@@ -155,10 +171,10 @@ def test_a_malicious_cifar_pickle_is_refused_without_running_code(tmp_path, monk
     assert not (tmp_path / "pwned").exists()
 
 
-def test_numpy_arrays_pickled_by_this_numpy_are_accepted(tmp_path):
-    # protocol 5 pickles arrays through numpy's _frombuffer; protocol 2 through _reconstruct
+def test_cifar_files_pickled_by_python_3_are_accepted_too():
+    # protocol 5 pickles arrays through numpy's _frombuffer; protocol 2 bytes via _codecs.encode
     arr = np.arange(12, dtype=np.uint8).reshape(3, 4)
-    for protocol in (2, 5):
+    for protocol in (2, 4, 5):
         got = data._unpickle(pickle.dumps({b"data": arr}, protocol=protocol), "x")
         assert np.array_equal(got["data"], arr)
 
@@ -342,7 +358,8 @@ def test_a_wrong_format_lists_the_formats_understood(tmp_path, content):
         path = tmp_path / "d"
         path.mkdir()
         (path / "notes.txt").write_text("hello")
-    with pytest.raises(UsageError, match=r"is not a data set this program reads.*CIFAR-10/100.*SVHN.*class-per-folder") as e:
+    expected = r"is not a data set this program reads.*CIFAR-10/100.*SVHN.*class-per-folder"
+    with pytest.raises(UsageError, match=expected) as e:
         open_dataset(path)
     assert "\n" not in str(e.value)
 
@@ -366,6 +383,7 @@ def test_the_cache_is_reused_and_invalidated_when_a_file_changes(tmp_path, monke
     _save_image(root / "train" / "cat" / "new.png", (8, 8), (255, 255, 255))
     changed = open_dataset(root)
     assert len(changed.train) == 5
+    assert list((tmp_path / "cache").glob("folder-*.pt")) == cached  # overwritten, not added
 
 
 def test_a_damaged_cache_file_is_rebuilt(tmp_path):
