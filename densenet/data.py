@@ -659,6 +659,13 @@ class _FileLoader(torch.utils.data.DataLoader):
         self.sampler.set_epoch(epoch)
         self.generator.manual_seed((self._seed * 1_000_003 + epoch + 1) % (2 ** 63))
 
+    def __iter__(self):
+        try:
+            yield from super().__iter__()
+        except UsageError as e:
+            # a worker's error arrives wrapped in its traceback: keep the one-paragraph message
+            raise UsageError(str(e).rsplit("UsageError: ", 1)[-1].strip()) from None
+
 
 def make_file_loader(data: ImageFiles, batch_size: int, *, train: bool, mean, std,
                      input_size: int = 224, resize: int = 256, workers: int = 4, seed: int = 0,

@@ -330,16 +330,36 @@ def test_large_images_become_files_for_a_dataloader(tmp_path):
     assert len(train_loader) == 1 and next(iter(train_loader))[0].shape == (2, 3, 32, 32)
 
 
-def test_a_truncated_large_image_is_reported_by_path_when_read(tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_truncated_large_image_is_reported_by_path_when_read(tmp_path, workers):
     root = make_folder(tmp_path / "big", size=(80, 80), splits=("train",))
     bad = root / "train" / "dog" / "1.png"
     blob = bad.read_bytes()
     bad.write_bytes(blob[: len(blob) // 2])
     ds = open_dataset(root)
     loader = data.make_file_loader(ds.train, 4, train=False, mean=[0.5] * 3, std=[0.5] * 3,
-                                   input_size=32, resize=40, workers=0)
-    with pytest.raises(UsageError, match=r"dog/1\.png is corrupt or truncated"):
+                                   input_size=32, resize=40, workers=workers)
+    with pytest.raises(UsageError, match=r"dog/1\.png is corrupt or truncated") as e:
         list(loader)
+    assert "\n" not in str(e.value) and str(e.value).startswith(str(bad))
+
+
+def test_file_loader_order_is_reproducible_per_epoch_and_sharded(tmp_path):
+    root = tmp_path / "big"
+    for c in range(6):
+        _save_image(root / f"c{c}" / "0.png", (72, 72), (c, c, c))
+    ds = open_dataset(root)
+
+    def epoch_labels(epoch, rank=0, world=1):
+        loader = data.make_file_loader(ds.train, 2, train=True, mean=[0.5] * 3, std=[0.5] * 3,
+                                       input_size=16, workers=0, seed=5, rank=rank, world_size=world)
+        loader.set_epoch(epoch)
+        return torch.cat([y for _, y in loader]).tolist()
+
+    assert epoch_labels(1) == epoch_labels(1) and sorted(epoch_labels(1)) == list(range(6))
+    assert epoch_labels(1) != epoch_labels(2)
+    shards = [epoch_labels(1, r, 2) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 2 and not set(shards[0]) & set(shards[1])
 
 
 # ----------------------------------------------------------------------------- errors
