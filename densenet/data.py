@@ -108,7 +108,7 @@ def _channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     for c in range(images.shape[1]):
         hist = torch.zeros(256, dtype=torch.float64)
         for chunk in images[:, c].split(65536):
-            hist += torch.bincount(chunk.reshape(-1).to("cpu", torch.int64), minlength=256).double()
+            hist += torch.bincount(chunk.reshape(-1), minlength=256).cpu().double()
         m = (hist * values).sum() / hist.sum()
         var = (hist * (values - m) ** 2).sum() / hist.sum()
         mean.append(float(m / 255))
