@@ -316,10 +316,7 @@ def _run(cfg: TrainConfig, run_dir: Path, ds, state: dict | None, world: World) 
     torch.manual_seed(cfg.seed + world.rank)  # dropout differs per process, as it should
     random.seed(cfg.seed)
     r = cfg.recipe
-    if r.batch_size % world.size:
-        raise UsageError(f"the global batch size {r.batch_size} does not divide over "
-                         f"{world.size} processes; use a batch size that is a multiple of "
-                         f"{world.size}.")
+    _check_divisible(r.batch_size, world.size)
 
     splits = _Splits(cfg, ds, device, run_dir, world.rank, world.size)
     overrides = {"num_classes": len(ds.classes), "drop_rate": r.drop_rate}
@@ -457,6 +454,12 @@ def _run(cfg: TrainConfig, run_dir: Path, ds, state: dict | None, world: World) 
         return {}
     return _finish(cfg, run_dir, net, splits, device, history, best, params, start_time,
                    complete=not stopped, log=log)
+
+
+def _check_divisible(batch_size: int, processes: int) -> None:
+    if batch_size % processes:
+        raise UsageError(f"the global batch size {batch_size} does not divide over {processes} "
+                         f"processes; use a batch size that is a multiple of {processes}.")
 
 
 def _device_for(cfg: TrainConfig, world: World) -> torch.device:
@@ -601,6 +604,11 @@ def _cmd_train(args) -> int:
         if args.nproc > 1 and not (args.out or args.resume):
             raise UsageError("give --out RUN_DIR with --nproc, so that every process writes to "
                              "the same run directory.")
+        if not args.resume:  # check the arguments once, before starting any process
+            cfg = make_config(args.model, args.recipe or "quickstart", args.data, args.out,
+                              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                              set_fields=_parse_set(args.set))
+            _check_divisible(cfg.recipe.batch_size, args.nproc)
         return launch(args.nproc, _strip_nproc(args.argv))
     if args.resume:
         given = [flag for flag, v in (("--model", args.model), ("--recipe", args.recipe),
