@@ -333,8 +333,10 @@ def _run_model(run: dict) -> tuple[str | None, dict]:
     cfg, res = run["config"] or {}, run["result"] or {}
     name = cfg.get("model") or res.get("model")
     overrides = dict(cfg.get("model_overrides") or {})
-    if "num_classes" not in overrides and cfg.get("num_classes"):
-        overrides["num_classes"] = cfg["num_classes"]
+    if "num_classes" not in overrides:
+        classes = cfg.get("num_classes") or {"cifar100": 100}.get(cfg.get("dataset"))
+        if classes:
+            overrides["num_classes"] = classes
     return name, overrides
 
 

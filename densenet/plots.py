@@ -114,13 +114,15 @@ def plot_feature_reuse(blocks: Sequence[dict], out_path: str | os.PathLike,
     mats = [np.array([[np.nan if v is None else v for v in row] for row in b["matrix"]], dtype=float)
             for b in blocks]
     finite = np.concatenate([m[np.isfinite(m)] for m in mats]) if mats else np.array([])
-    vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    # Colours span the observed range (as the paper's figure), shown on the colour bar.
+    vmin = float(finite.min()) if finite.size else 0.0
+    vmax = float(finite.max()) if finite.size and finite.max() > vmin else vmin + 1.0
     fig = _figure((panel_size * len(blocks) + 1.0, panel_size), layout="constrained")
     axes = fig.subplots(1, len(blocks), squeeze=False)[0]
     cmap = _reuse_cmap()
     image = None
     for ax, block, m in zip(axes, blocks, mats):
-        image = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=0.0, vmax=vmax,
+        image = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=vmin, vmax=vmax,
                           origin="upper", interpolation="nearest", aspect="auto")
         n_src, n_tgt = m.shape
         ax.set_title(block["name"])
