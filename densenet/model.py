@@ -83,7 +83,7 @@ class DenseBlock(nn.ModuleDict):
     """L layers, each reading the concatenation of the block input and all earlier outputs."""
 
     def __init__(self, num_layers: int, in_channels: int, growth_rate: int, bottleneck: bool,
-                 bn_size: int, drop_rate: float, implementation: str = "reference"):
+                 bn_size: int, drop_rate: float, implementation: str = "efficient"):
         super().__init__()
         self.in_channels = in_channels
         self.growth_rate = growth_rate
@@ -147,7 +147,7 @@ class DenseNet(nn.Module):
                  bottleneck: bool = True, bn_size: int = 4, compression: float = 0.5,
                  num_init_features: int | None = None, stem: str = "imagenet",
                  drop_rate: float = 0.0, num_classes: int = 1000, in_channels: int = 3,
-                 implementation: str = "reference"):
+                 implementation: str = "efficient"):
         super().__init__()
         _check_positive_int("growth_rate", growth_rate)
         _check_positive_int("bn_size", bn_size)

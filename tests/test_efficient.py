@@ -1,0 +1,181 @@
+"""The memory-efficient dense block gives what the plain (reference) one gives: forward outputs,
+parameter and input gradients, and BatchNorm running statistics (SPEC section 8)."""
+
+import copy
+
+import pytest
+import torch
+
+from densenet import create_model, densenet_cifar
+
+
+def _step(model, x, implementation, seed=1, channels_last=False, train=True):
+    model = copy.deepcopy(model).set_implementation(implementation).train(train)
+    x = x.clone()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    torch.manual_seed(seed)
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.shape[1], dtype=out.dtype)).square().sum().backward()
+    return dict(out=out.detach(), dx=x.grad,
+                **{"grad:" + k: p.grad for k, p in model.named_parameters()},
+                **{"buffer:" + k: b for k, b in model.state_dict().items()})
+
+
+def _assert_same(a, b, tol):
+    """Relative difference per tensor under tol. A gradient that is analytically zero (e.g. the
+    stem BN's weight, whose scale the next training-mode BN removes) is compared relative to
+    1e-4 of the largest gradient instead of its own rounding noise."""
+    assert a.keys() == b.keys()
+    grad_scale = max((v.abs().max().item() for k, v in a.items() if k.startswith("grad:")), default=0)
+    for key in a:
+        ref, got = a[key].double(), b[key].double()
+        floor = 1e-4 * grad_scale if key.startswith("grad:") else 1e-30
+        scale = ref.abs().max().clamp_min(floor)
+        assert ((got - ref).abs().max() / scale).item() < tol, key
+
+
+CASES = {
+    "DenseNet-BC": dict(depth=16, growth_rate=4, bottleneck=True),
+    "basic DenseNet": dict(depth=13, growth_rate=4, bottleneck=False, compression=1.0),
+    "DenseNet-BC with dropout": dict(depth=16, growth_rate=4, bottleneck=True, drop_rate=0.2),
+    "basic with dropout": dict(depth=13, growth_rate=4, bottleneck=False, drop_rate=0.2),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_efficient_block_matches_reference_in_float64(case, channels_last):
+    torch.manual_seed(0)
+    model = densenet_cifar(**CASES[case]).double()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    ref = _step(model, x, "reference", channels_last=channels_last)
+    eff = _step(model, x, "efficient", channels_last=channels_last)
+    _assert_same(ref, eff, 1e-10)
+
+
+@pytest.mark.parametrize("case", ["DenseNet-BC", "DenseNet-BC with dropout"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_efficient_block_matches_reference_in_float32(case, channels_last):
+    torch.manual_seed(0)
+    model = densenet_cifar(**CASES[case])
+    x = torch.randn(4, 3, 16, 16)
+    _assert_same(_step(model, x, "reference", channels_last=channels_last),
+                 _step(model, x, "efficient", channels_last=channels_last), 1e-5)
+
+
+def test_imagenet_stem_model_matches_reference():
+    torch.manual_seed(0)
+    model = create_model("densenet121", block_config=(2, 3), num_classes=7).double()
+    x = torch.randn(2, 3, 40, 40, dtype=torch.float64)
+    _assert_same(_step(model, x, "reference"), _step(model, x, "efficient"), 1e-10)
+
+
+def test_backward_in_eval_mode_uses_running_statistics_like_the_reference():
+    # fine-tuning with frozen BN: normalisation by running stats, no mean corrections
+    torch.manual_seed(0)
+    model = densenet_cifar(16, growth_rate=4).double()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    _assert_same(_step(model, x, "reference", train=False), _step(model, x, "efficient", train=False), 1e-10)
+
+
+def test_batchnorm_running_statistics_are_updated_once_per_step():
+    torch.manual_seed(0)
+    model = densenet_cifar(16, growth_rate=4).double().train()
+    assert model.implementation == "efficient"
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    ref = copy.deepcopy(model).set_implementation("reference")
+    for m in (model, ref):
+        for _ in range(2):
+            m(x).sum().backward()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            assert m.num_batches_tracked.item() == 2
+    _assert_same({k: v for k, v in ref.state_dict().items()},
+                 {k: v for k, v in model.state_dict().items()}, 1e-10)
+
+
+def test_momentum_none_cumulative_average_matches():
+    torch.manual_seed(0)
+    model = densenet_cifar(16, growth_rate=4).double()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    _assert_same(_step(model, x, "reference"), _step(model, x, "efficient"), 1e-10)
+
+
+def test_inference_under_no_grad_matches_reference():
+    torch.manual_seed(0)
+    model = densenet_cifar(28, growth_rate=6).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).set_implementation("reference")(x)
+        out = model(x)
+        cl = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cl, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_the_default_implementation_is_the_efficient_one():
+    assert create_model("densenet_bc100_k12").implementation == "efficient"
+    assert create_model("densenet121").implementation == "efficient"
+
+
+def test_each_parameter_gets_its_gradient_once_per_backward():
+    # DDP's reducer fails with "marked ready twice" otherwise
+    model = densenet_cifar(16, growth_rate=4)
+    counts = {}
+    for name, p in model.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda p, name=name: counts.__setitem__(name, counts.get(name, 0) + 1))
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert counts == {name: 1 for name, _ in model.named_parameters()}
+
+
+def test_frozen_parameters_get_no_gradient():
+    model = densenet_cifar(16, growth_rate=4)
+    model.features.denseblock1.denselayer1.conv1.weight.requires_grad_(False)
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert model.features.denseblock1.denselayer1.conv1.weight.grad is None
+    assert model.features.denseblock1.denselayer2.conv1.weight.grad is not None
+
+
+def test_bf16_autocast_runs_and_is_close():
+    torch.manual_seed(0)
+    model = densenet_cifar(16, growth_rate=4)
+    x = torch.randn(2, 3, 8, 8)
+    ref = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+        out.float().sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max() + 0.1
+
+
+def test_switching_to_reference_is_all_export_needs():
+    model = densenet_cifar(16, growth_rate=4).eval().set_implementation("reference")
+    x = torch.randn(1, 3, 8, 8)
+    traced = torch.jit.trace(model, x)
+    torch.testing.assert_close(traced(x), model(x))
+
+
+def test_ddp_single_process_trains_without_errors(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        model = DDP(densenet_cifar(16, growth_rate=4))
+        for _ in range(2):
+            model(torch.randn(2, 3, 8, 8)).sum().backward()
+    finally:
+        dist.destroy_process_group()
