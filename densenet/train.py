@@ -89,30 +89,33 @@ def make_config(model: str | None = None, recipe: str = "quickstart", data: str 
     if unknown:
         raise UsageError(f"unknown training option(s): {', '.join(sorted(unknown))}.")
     cfg = TrainConfig(recipe=r, model=model or r.model, data=data, out=out, **kwargs)
-    if not isinstance(cfg.device, str):
-        raise UsageError(f"device must be a string, got {cfg.device!r}.")
+    _validate_run_fields(cfg)
     model_info(cfg.model)  # unknown model -> clear error before any work
-    for name in ("max_steps", "workers", "seed"):
-        v = getattr(cfg, name)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-            raise UsageError(f"{name} must be an integer, got {v!r}.")
-    if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
-        raise UsageError(f"--device must be auto, cpu or cuda, got {cfg.device!r}.")
-    if cfg.amp not in (None, "bf16"):
-        raise UsageError(f"--amp must be bf16 (or left out), got {cfg.amp!r}.")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise UsageError(f"--max-steps must be at least 1, got {cfg.max_steps}.")
-    if cfg.workers < 0:
-        raise UsageError(f"--workers must be >= 0, got {cfg.workers}.")
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
-        raise UsageError(f"--seed must be a non-negative integer, got {cfg.seed!r}.")
-    for name in ("download", "channels_last", "compile", "sync_bn", "quiet"):
-        if not isinstance(getattr(cfg, name), bool):
-            raise UsageError(f"{name} must be true or false, got {getattr(cfg, name)!r}.")
-    for name in ("data", "out"):
-        if getattr(cfg, name) is not None and not isinstance(getattr(cfg, name), str):
-            raise UsageError(f"{name} must be a string, got {getattr(cfg, name)!r}.")
     return cfg
+
+
+def _validate_run_fields(cfg: TrainConfig) -> None:
+    """Types first, then ranges, each error naming the option."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    checks = [
+        ("model", isinstance(cfg.model, str), "a model name"),
+        ("data", cfg.data is None or isinstance(cfg.data, str), "a path"),
+        ("out", cfg.out is None or isinstance(cfg.out, str), "a path"),
+        ("device", cfg.device in ("auto", "cpu", "cuda")
+         or (isinstance(cfg.device, str) and cfg.device.startswith("cuda:")), "auto, cpu or cuda"),
+        ("amp", cfg.amp in (None, "bf16"), "bf16 (or left out)"),
+        ("seed", is_int(cfg.seed) and cfg.seed >= 0, "a non-negative integer"),
+        ("max_steps", cfg.max_steps is None or (is_int(cfg.max_steps) and cfg.max_steps >= 1),
+         "an integer >= 1"),
+        ("workers", is_int(cfg.workers) and cfg.workers >= 0, "an integer >= 0"),
+    ] + [(name, isinstance(getattr(cfg, name), bool), "true or false")
+         for name in ("download", "channels_last", "compile", "sync_bn", "quiet")]
+    for name, ok, expected in checks:
+        if not ok:
+            raise UsageError(f"--{name.replace('_', '-')} must be {expected}, got "
+                             f"{getattr(cfg, name)!r}.")
 
 
 def resolve_device(name: str) -> torch.device:

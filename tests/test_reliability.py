@@ -61,22 +61,22 @@ def test_a_run_killed_at_random_moments_resumes_to_the_same_weights(tmp_path, da
                        env={**env, "DENSENET_KILL_IN_WRITE": "5"}, capture_output=True)
     assert p.returncode == -signal.SIGKILL
     _assert_readable(run_dir)
-    # ... then kills at random moments, resuming each time, until the run completes
-    for attempt in range(12):
+    # ... then kills at random moments, resuming each time, then a resume left to finish
+    for attempt in range(5):
         proc = subprocess.Popen(_cmd("--resume", str(run_dir), "--quiet"), env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            proc.wait(timeout=rng.uniform(2.5, 6.0))
+            proc.wait(timeout=rng.uniform(1.5, 6.0))
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             kills += 1
         _assert_readable(run_dir)
-        if proc.returncode == 0:
-            break
-        assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
-    assert proc.returncode == 0
+        assert proc.returncode in (0, -signal.SIGKILL), proc.stderr.read()
     assert kills >= 1
+    last = subprocess.run(_cmd("--resume", str(run_dir), "--quiet"), env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert last.returncode == 0, last.stderr
     a = load_checkpoint(tmp_path / "ref" / "last.pt")
     b = load_checkpoint(run_dir / "last.pt")
     assert b["epoch"] == 3
@@ -96,7 +96,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
 
     monkeypatch.setattr(train_mod.F, "cross_entropy", diverging)
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match=r"became nan at step 6 \(epoch 2\).*last good checkpoint is .*last\.pt"):
+    with pytest.raises(ValueError, match=r"became nan at step 5 \(epoch 2\).*last good checkpoint is .*last\.pt"):
         train(TINY, "c10+", str(data), str(out), epochs=3, batch_size=8, quiet=True,
               set_fields={"val_size": "6"})
     assert load_checkpoint(out / "last.pt")["epoch"] == 1
