@@ -17,7 +17,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from .checkpoint import extract_state_dict, load_model, read_file, resolve_checkpoint_path
+from .checkpoint import (build_model, extract_state_dict, load_checkpoint, read_file,
+                         resolve_checkpoint_path)
 from .errors import UsageError
 from .evaluate import evaluate_batches, evaluate_ten_crop
 from .model import DenseNet, create_model, model_info
@@ -52,7 +53,8 @@ def load_for_inference(source: str | None = None, *, weights: str | None = None,
     if model is not None:
         raise UsageError(f"--model is only for --weights files; {source} names its own model.")
     path = resolve_checkpoint_path(source)
-    net, payload = load_model(path)
+    payload = _unreadable_is_usage_error(load_checkpoint, path)
+    net = build_model(payload)
     pre = payload.get("preprocess")
     if not isinstance(pre, dict) or pre.get("kind") not in ("small", "imagenet"):
         raise UsageError(f"{path} has no valid 'preprocess' entry (see docs/run-directory.md); "
@@ -65,7 +67,7 @@ def load_for_inference(source: str | None = None, *, weights: str | None = None,
 def _load_foreign(weights: str, name: str) -> Loaded:
     from .checkpoint import load_weights_into
     info = model_info(name)
-    state = extract_state_dict(read_file(weights), weights)
+    state = extract_state_dict(_unreadable_is_usage_error(read_file, weights), weights)
     head = state.get("classifier.weight")
     overrides = {"num_classes": int(head.shape[0])} if head is not None and head.ndim == 2 else {}
     net = create_model(name, **overrides)
@@ -85,6 +87,18 @@ def _for_inference(net: DenseNet) -> DenseNet:
     # The memory-efficient block saves memory in the backward pass; without gradients the
     # plain path frees each concatenation at once and is what export traces.
     return net.set_implementation("reference").eval()
+
+
+def _unreadable_is_usage_error(read, path):
+    """``read(path)``; any failure to unpickle the file (torch.load raises KeyError, IndexError,
+    ... on arbitrary bytes) is the user's file, not our fault."""
+    try:
+        return read(path)
+    except UsageError:
+        raise
+    except Exception as e:
+        raise UsageError(f"{path} is not a readable checkpoint (truncated, corrupt, or another "
+                         f"format): {type(e).__name__}: {e}.") from None
 
 
 def imagenet_class_names() -> list[str]:
