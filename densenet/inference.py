@@ -73,7 +73,7 @@ def _load_foreign(weights: str, name: str) -> Loaded:
     net = create_model(name, **overrides)
     load_weights_into(net, weights)
     if info.input_size >= 64:
-        from .train import IMAGENET_MEAN, IMAGENET_STD
+        from .data import IMAGENET_MEAN, IMAGENET_STD
         pre = {"kind": "imagenet", "input_size": info.input_size,
                "resize": round(info.input_size * 256 / 224), "mean": IMAGENET_MEAN,
                "std": IMAGENET_STD}
