@@ -15,7 +15,7 @@ import traceback
 from .errors import UsageError
 
 # Modules that each add sub-commands, in the order ``densenet --help`` lists them.
-COMMAND_MODULES = ["densenet.train", "densenet.inference", "densenet.export", "densenet.analysis"]
+COMMAND_MODULES = ["densenet.train", "densenet.inference", "densenet.export", "densenet.analysis", "densenet.bench"]
 
 
 class _Parser(argparse.ArgumentParser):

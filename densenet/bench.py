@@ -1,0 +1,324 @@
+"""``densenet bench``: our DenseNet against torchvision's, same architecture and same weights.
+
+Every measurement runs in a fresh subprocess (so one configuration's allocator state and peak
+cannot leak into another), and the runs are interleaved A B A B so that noise from other jobs on
+the machine hits both sides. Reported per variant: training images/s (SGD step, median of the
+timed steps), inference images/s (eval, no_grad) and peak training memory.
+
+Peak memory is torch's own CPU-allocator accounting: the highest live-bytes total reached during
+one training step (forward, backward, optimizer step), from the allocation events of
+``torch.profiler`` with ``profile_memory=True``; parameters and data already alive before the
+step are not counted. The process RSS peak (``ru_maxrss``, which includes the allocator's
+overhead) is printed beside it. On CUDA it is ``torch.cuda.max_memory_allocated`` minus the
+memory allocated before the step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+from .errors import UsageError
+
+# The issue's configurations: (model, batch for training, batch for inference, image size)
+CONFIGS = {
+    "densenet_bc100_k12": (64, 256, 32),
+    "densenet121": (16, 16, 224),
+}
+DEPTHS = (100, 190, 250, 400)
+
+
+# ----------------------------------------------------------------------------- models
+
+def build(model_name: str, variant: str, device: str = "cpu") -> nn.Module:
+    """``ours`` (efficient path), ``ours-ref``, ``tv`` (torchvision, plain) or ``tv-me``
+    (torchvision, memory_efficient=True); all with the weights of ``create_model(name)`` under
+    seed 0, so every variant computes the same function."""
+    from .model import create_model
+    torch.manual_seed(0)
+    ours = create_model(model_name)
+    if variant in ("ours", "ours-ref"):
+        return ours.set_implementation("efficient" if variant == "ours" else "reference").to(device)
+    import torchvision
+    tv = torchvision.models.DenseNet(
+        growth_rate=ours.growth_rate, block_config=ours.block_config,
+        num_init_features=ours.features.conv0.out_channels, bn_size=4, drop_rate=0,
+        num_classes=ours.classifier.out_features, memory_efficient=variant == "tv-me")
+    if ours.stem == "cifar":  # the issue's CIFAR shape of torchvision's class
+        tv.features.conv0 = nn.Conv2d(3, tv.features.conv0.out_channels, 3, padding=1, bias=False)
+        tv.features.norm0 = tv.features.relu0 = tv.features.pool0 = nn.Identity()
+    tv.load_state_dict(ours.state_dict(), strict=True)
+    return tv.to(device)
+
+
+def _peak_step_bytes(step) -> int:
+    """Highest live bytes during ``step()`` by the CPU allocator's own events (profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch._C._profiler import _EventType
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation:
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+        stack.extend(node.children)
+    live = peak = 0
+    for _, size in sorted(events):
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
+def measure(model_name: str, variant: str, mode: str, batch: int, size: int, layout: str,
+            steps: int, warmup: int, device: str = "cpu", memory: bool = True) -> dict:
+    """One configuration in this process: ``mode`` "train" or "infer"."""
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model = build(model_name, variant, device)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    torch.manual_seed(1)
+    x = torch.randn(batch, 3, size, size, device=device).to(memory_format=fmt)
+    y = torch.randint(0, model.classifier.out_features, (batch,), device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def step():
+        if mode == "train":
+            model.train()
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        else:
+            model.eval()
+            with torch.no_grad():
+                model(x)
+
+    times = []
+    for i in range(warmup + steps):
+        sync()
+        t = time.perf_counter()
+        step()
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = dict(model=model_name, variant=variant, mode=mode, batch=batch, size=size,
+                  layout=layout, times=[round(t, 4) for t in times],
+                  images_per_s=batch / statistics.median(times))
+    if memory and mode == "train":
+        if device.startswith("cuda"):
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            sync()
+            result["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        else:
+            result["peak_mib"] = _peak_step_bytes(step) / 2**20
+    result["rss_peak_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    del rss_before
+    return result
+
+
+def _in_subprocess(spec: dict) -> dict:
+    cmd = [sys.executable, "-c", "import json, sys; from densenet.bench import measure; "
+           "print('RESULT ' + json.dumps(measure(**json.loads(sys.argv[1]))))", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"benchmark subprocess failed for {spec}:\n{proc.stderr[-2000:]}")
+
+
+# ----------------------------------------------------------------------------- runs
+
+def _variants(mode: str):
+    """(label, variant, layout): each side in its layouts, the best one is picked."""
+    if mode == "train":
+        return [("ours", "ours", "channels_last"), ("tv", "tv", "contiguous"),
+                ("tv-cl", "tv", "channels_last"), ("tv-me", "tv-me", "channels_last")]
+    return [("ours", "ours", "channels_last"), ("tv", "tv", "contiguous"),
+            ("tv-cl", "tv", "channels_last")]
+
+
+def compare(model_name: str, train_batch: int, infer_batch: int, size: int, steps: int,
+            warmup: int, repeats: int, device: str, log=print) -> dict:
+    rows = {}
+    for mode, batch in (("train", train_batch), ("infer", infer_batch)):
+        for rep in range(repeats):  # A B C A B C: interleaved
+            for label, variant, layout in _variants(mode):
+                r = _in_subprocess(dict(model_name=model_name, variant=variant, mode=mode, batch=batch,
+                                        size=size, layout=layout, steps=steps, warmup=warmup,
+                                        device=device))
+                rows.setdefault((mode, label), []).append(r)
+                log(f"  {model_name} {mode} b{batch} {label:6s} rep {rep + 1}: "
+                    f"{r['images_per_s']:.2f} img/s" +
+                    (f", peak {r['peak_mib']:.0f} MiB (allocator), RSS peak +{r['rss_peak_mib']:.0f} MiB"
+                     if "peak_mib" in r else ""))
+    summary = {}
+    for (mode, label), rs in rows.items():
+        summary[f"{mode}:{label}"] = dict(
+            images_per_s=statistics.median(r["images_per_s"] for r in rs),
+            peak_mib=statistics.median(r["peak_mib"] for r in rs) if "peak_mib" in rs[0] else None,
+            rss_peak_mib=statistics.median(r["rss_peak_mib"] for r in rs),
+            runs=[r["images_per_s"] for r in rs])
+    s = summary
+    tv_best_train = max(s["train:tv"]["images_per_s"], s["train:tv-cl"]["images_per_s"])
+    tv_plain_peak = min(s["train:tv"]["peak_mib"], s["train:tv-cl"]["peak_mib"])
+    tv_best_infer = max(s["infer:tv"]["images_per_s"], s["infer:tv-cl"]["images_per_s"])
+    ratios = dict(
+        train_speed_vs_tv_best=s["train:ours"]["images_per_s"] / tv_best_train,
+        train_speed_vs_tv_memory_efficient=s["train:ours"]["images_per_s"] / s["train:tv-me"]["images_per_s"],
+        peak_vs_tv_plain=s["train:ours"]["peak_mib"] / tv_plain_peak,
+        peak_vs_tv_memory_efficient=s["train:ours"]["peak_mib"] / s["train:tv-me"]["peak_mib"],
+        infer_speed_vs_tv_best=s["infer:ours"]["images_per_s"] / tv_best_infer,
+    )
+    return dict(model=model_name, train_batch=train_batch, infer_batch=infer_batch, size=size,
+                summary=summary, ratios=ratios)
+
+
+def memory_vs_depth(depths, batch: int, steps: int, device: str, variants=("ours",), log=print) -> list:
+    rows = []
+    for depth in depths:
+        for variant in variants:
+            r = _in_subprocess(dict(model_name=f"densenet_bc{depth}_k12", variant=variant, mode="train",
+                                    batch=batch, size=32, layout="channels_last", steps=steps,
+                                    warmup=1, device=device))
+            log(f"  L={depth} {variant}: peak {r['peak_mib']:.0f} MiB (allocator), "
+                f"{r['images_per_s']:.2f} img/s")
+            rows.append(dict(depth=depth, variant=variant, peak_mib=r["peak_mib"],
+                             rss_peak_mib=r["rss_peak_mib"], images_per_s=r["images_per_s"]))
+    return rows
+
+
+def fit_line(xs, ys):
+    """Least squares y = a + b x and the largest relative residual."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    a = my - b * mx
+    worst = max(abs(y - (a + b * x)) / y for x, y in zip(xs, ys))
+    return a, b, worst
+
+
+def plot_memory(rows, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for variant in sorted({r["variant"] for r in rows}):
+        pts = [(r["depth"], r["peak_mib"]) for r in rows if r["variant"] == variant]
+        ax.plot(*zip(*pts), "o-", label={"ours": "efficient (default)", "ours-ref": "reference"}.get(variant, variant))
+    ax.set_xlabel("depth L (DenseNet-BC, k=12)")
+    ax.set_ylabel("peak training memory (MiB)")
+    ax.set_title("batch 64, 32x32, CPU allocator accounting")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def environment(device: str) -> dict:
+    return dict(torch=torch.__version__, torchvision=__import__("torchvision").__version__,
+                python=platform.python_version(), machine=platform.machine(),
+                cpu_count=os.cpu_count(), threads=torch.get_num_threads(), device=device,
+                gpu=torch.cuda.get_device_name() if device.startswith("cuda") else None)
+
+
+# ----------------------------------------------------------------------------- command
+
+def run(args) -> int:
+    if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
+        raise UsageError("--steps and --repeats must be at least 1, --warmup at least 0.")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is available; use --device cpu.")
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
+    if args.model is not None:
+        from .model import model_info
+        info = model_info(args.model)  # raises a UsageError naming the known models
+        tb, ib, size = CONFIGS.get(args.model, (64, 256, info.input_size))
+        configs = {args.model: (args.batch_size or tb, args.infer_batch_size or ib, info.input_size)}
+    else:
+        configs = {m: (args.batch_size or tb, args.infer_batch_size or ib, s) for m, (tb, ib, s) in CONFIGS.items()}
+    env = environment(device)
+    log(f"densenet bench: torch {env['torch']}, torchvision {env['torchvision']}, {env['cpu_count']} CPUs, "
+        f"{env['threads']} threads, device {device}; {args.warmup} warm-up + {args.steps} timed steps, "
+        f"{args.repeats} interleaved repeats")
+    report = dict(environment=env, command="densenet bench " + " ".join(getattr(args, "argv", [])[1:]),
+                  results=[])
+    if not args.depth_only:
+        for name, (tb, ib, size) in configs.items():
+            report["results"].append(compare(name, tb, ib, size, args.steps, args.warmup, args.repeats,
+                                             device, log))
+    if args.depths:
+        depths = [int(d) for d in args.depths.split(",")]
+        rows = memory_vs_depth(depths, 64, 1, device, ("ours", "ours-ref") if args.depth_reference else ("ours",), log)
+        ours = [r for r in rows if r["variant"] == "ours"]
+        a, b, worst = fit_line([r["depth"] for r in ours], [r["peak_mib"] for r in ours])
+        report["memory_vs_depth"] = dict(rows=rows, fit=dict(intercept_mib=a, mib_per_depth=b,
+                                                             worst_relative_residual=worst))
+        if args.plot:
+            plot_memory(rows, args.plot)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def format_report(report) -> str:
+    lines = []
+    for res in report["results"]:
+        lines.append(f"\n{res['model']}: training batch {res['train_batch']}, inference batch "
+                     f"{res['infer_batch']}, {res['size']}x{res['size']}")
+        lines.append("| variant | train img/s | peak train MiB (allocator) | RSS peak MiB | infer img/s |")
+        lines.append("|---|---|---|---|---|")
+        s = res["summary"]
+        for label in ("ours", "tv", "tv-cl", "tv-me"):
+            tr, inf = s.get(f"train:{label}"), s.get(f"infer:{label}")
+            lines.append(f"| {label} | {tr['images_per_s']:.2f} | {tr['peak_mib']:.0f} | {tr['rss_peak_mib']:.0f} | "
+                         + (f"{inf['images_per_s']:.2f} |" if inf else "- |"))
+        lines.append("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in res["ratios"].items()))
+    if "memory_vs_depth" in report:
+        m = report["memory_vs_depth"]
+        lines.append("\nPeak training memory against depth (DenseNet-BC k=12, batch 64):")
+        for r in m["rows"]:
+            lines.append(f"  L={r['depth']} {r['variant']}: {r['peak_mib']:.0f} MiB, {r['images_per_s']:.2f} img/s")
+        f = m["fit"]
+        lines.append(f"  linear fit (efficient): {f['intercept_mib']:.0f} MiB + {f['mib_per_depth']:.2f} MiB x L, "
+                     f"worst relative residual {f['worst_relative_residual']:.3f}")
+    return "\n".join(lines)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="speed and memory against torchvision's DenseNet",
+                              description="Our DenseNet against torchvision's DenseNet class, same "
+                              "architecture and weights: training and inference images/s and peak "
+                              "training memory, each configuration in a fresh subprocess, interleaved.")
+    p.add_argument("--model", help="one model (default: densenet_bc100_k12 and densenet121)")
+    p.add_argument("--batch-size", type=int, help="training batch (default 64 CIFAR, 16 ImageNet)")
+    p.add_argument("--infer-batch-size", type=int, help="inference batch (default 256 CIFAR, 16 ImageNet)")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per run (default 4)")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up steps per run (default 2)")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved runs per variant (default 2)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--depths", default=",".join(map(str, DEPTHS)),
+                   help="DenseNet-BC k=12 depths for the memory-vs-depth sweep ('' to skip)")
+    p.add_argument("--depth-reference", action="store_true",
+                   help="also sweep the reference (plain) implementation (quadratic memory)")
+    p.add_argument("--depth-only", action="store_true", help="only the memory-vs-depth sweep")
+    p.add_argument("--plot", help="write the memory-vs-depth plot to this PNG file")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=run)
