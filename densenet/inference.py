@@ -229,8 +229,16 @@ def class_index_map(data_classes: list[str], model_classes: list[str] | None,
 
 
 def _relabelled(batches: Iterable, mapping: torch.Tensor) -> Iterator:
-    for x, y in batches:
-        yield x, mapping.to(y.device)[y]
+    try:
+        for x, y in batches:
+            yield x, mapping.to(y.device)[y]
+    except UsageError as e:
+        # A DataLoader worker's error comes back with the worker's traceback in its message;
+        # the user needs only the last line (e.g. which image is corrupt).
+        message = str(e).strip()
+        if "Original Traceback" in message:
+            raise UsageError(message.splitlines()[-1].split("UsageError: ", 1)[-1]) from None
+        raise
 
 
 SPLITS = ("test", "val", "train")

@@ -283,3 +283,17 @@ def test_ten_crop_on_small_images_is_refused(trained_run, tmp_path):
     data = solid_images(tmp_path / "test", COLOURS, 2, (32, 32))
     with pytest.raises(UsageError, match="--ten-crop"):
         evaluate(load_for_inference(trained_run), str(data), ten_crop=True)
+
+
+def test_a_corrupt_image_in_eval_data_names_the_file_without_a_traceback(large_folder, tmp_path):
+    folder, ckpt = large_folder
+    data = tmp_path / "data"
+    for path in sorted(folder.glob("*/*.jpg")):
+        (data / path.parent.name).mkdir(parents=True, exist_ok=True)
+        (data / path.parent.name / path.name).write_bytes(path.read_bytes())
+    bad = data / "dog" / "1.jpg"
+    bad.write_bytes(bad.read_bytes()[:2000])
+    for ten_crop in (False, True):
+        with pytest.raises(UsageError) as e:
+            evaluate(load_for_inference(ckpt), str(data), ten_crop=ten_crop, workers=1)
+        assert str(bad) in str(e.value) and "Traceback" not in str(e.value)
