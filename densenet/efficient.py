@@ -108,6 +108,29 @@ def _stats(bn: nn.BatchNorm2d, batch_mean, batch_var):
     return bn.running_mean, torch.rsqrt(bn.running_var + bn.eps)
 
 
+def _batch_mean_var(x4d: torch.Tensor, eps: float):
+    """Per-channel batch mean and biased variance, by the BatchNorm kernel's own statistics
+    pass: var_mean over dims (0, 2, 3) was 8% of a training step, this is several times faster
+    on channels-last input."""
+    _, mean, invstd = torch.native_batch_norm(x4d, None, None, None, None, True, 0.0, eps)
+    return mean, invstd.pow(-2).sub_(eps)
+
+
+def _norm2_forward(bn: nn.BatchNorm2d, y4d: torch.Tensor):
+    """BN of the bottleneck output by the fused kernel, with nn.BatchNorm2d's buffer updates.
+    Returns (output, mean, inverse std) - the statistics backward normalises with."""
+    if _uses_batch_stats(bn):
+        momentum = 0.0
+        if bn.training and bn.track_running_stats:
+            bn.num_batches_tracked.add_(1)
+            momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        return torch.native_batch_norm(y4d, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                       True, momentum, bn.eps)
+    out = torch.native_batch_norm(y4d, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                  False, 0.0, bn.eps)[0]
+    return out, bn.running_mean, torch.rsqrt(bn.running_var + bn.eps)
+
+
 def _nchw(t2d: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
     """An (N*H*W, C) matrix seen as an (N, C, H, W) channels-last tensor (no copy)."""
     return t2d.view(n, h, w, t2d.shape[1]).permute(0, 3, 1, 2)
@@ -141,18 +164,18 @@ def _forward(block, layers, x: torch.Tensor, save: bool):
     X = buf.view(m, c_total)
 
     batch_stats = any(_uses_batch_stats(layer.norm1) for layer in layers)
+    eps = layers[0].norm1.eps
     mean_all = var_all = None
     if batch_stats:
         mean_all = x.new_empty(c_total)
         var_all = x.new_empty(c_total)
-        var_all[:c0], mean_all[:c0] = torch.var_mean(X[:, :c0], dim=0, unbiased=False)
+        mean_all[:c0], var_all[:c0] = _batch_mean_var(x, eps)
 
     bottleneck = layers[0].bottleneck
     inner = layers[0].conv1.out_channels
     scratch = x.new_empty(m * (c0 + (num - 1) * k))  # BN-ReLU'd input of the current layer
     if bottleneck:
         y1_store = x.new_empty((num if save else 1, m, inner))
-        z2 = x.new_empty((m, inner))
     saved = []
     for i, layer in enumerate(layers):
         c_in = c0 + i * k
@@ -174,16 +197,8 @@ def _forward(block, layers, x: torch.Tensor, save: bool):
                 noise = _dropout_noise(layer, (n, inner, h, w), x, fmt)
                 _nchw(y1, n, h, w).mul_(noise)
                 rec["mask1"] = noise != 0
-            norm2 = layer.norm2
-            if _uses_batch_stats(norm2):
-                var2, mean2 = torch.var_mean(y1, dim=0, unbiased=False)
-                _update_running_stats(norm2, mean2, var2, m)
-            else:
-                var2 = mean2 = None
-            mean2, rstd2 = _stats(norm2, mean2, var2)
-            scale2 = norm2.weight * rstd2
-            torch.addcmul(norm2.bias - mean2 * scale2, y1, scale2, out=z2).relu_()
-            new = F.conv2d(_nchw(z2, n, h, w), layer.conv2.weight, padding=layer.conv2.padding)
+            z2, mean2, rstd2 = _norm2_forward(layer.norm2, _nchw(y1, n, h, w))
+            new = F.conv2d(z2.relu_(), layer.conv2.weight, padding=layer.conv2.padding)
             rec.update(mean2=mean2, rstd2=rstd2)
         else:
             new = F.conv2d(_nchw(z, n, h, w), layer.conv1.weight, padding=layer.conv1.padding)
@@ -193,8 +208,7 @@ def _forward(block, layers, x: torch.Tensor, save: bool):
             rec["mask2"] = noise != 0
         buf[..., c_in:c_in + k].copy_(new.permute(0, 2, 3, 1))
         if batch_stats:
-            var_all[c_in:c_in + k], mean_all[c_in:c_in + k] = torch.var_mean(
-                X[:, c_in:c_in + k], dim=0, unbiased=False)
+            mean_all[c_in:c_in + k], var_all[c_in:c_in + k] = _batch_mean_var(new, eps)
         saved.append(rec)
 
     out = buf.permute(0, 3, 1, 2)
