@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"densenet: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `densenet summary ... | head`: the reader stopped listening
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("densenet: interrupted.", file=sys.stderr)
         return 130

@@ -71,7 +71,8 @@ class TrainConfig:
         recipe_fields = {k: d[k] for k in RECIPE_FIELDS
                          if k in d and k not in ("name", "model", "description")}
         run_fields = {k: d[k] for k in RUN_FIELDS if k in d and k not in ("recipe", "model", "data", "out")}
-        unknown = set(d) - set(RECIPE_FIELDS) - set(RUN_FIELDS) - {"lr_milestone_epochs"}
+        derived = {"lr_milestone_epochs", "model_overrides", "num_classes", "data_name"}
+        unknown = set(d) - set(RECIPE_FIELDS) - set(RUN_FIELDS) - derived
         if unknown:
             raise UsageError(f"unknown field(s) {', '.join(sorted(unknown))}.")
         return make_config(d["model"], d["recipe"], d.get("data"), d.get("out"),
@@ -338,7 +339,9 @@ def _run(cfg: TrainConfig, run_dir: Path, ds, state: dict | None, world: World) 
     best = {"val_error": None, "epoch": None}
     if state is None:
         if world.is_main:
-            atomic_write_json(run_dir / "config.json", cfg.to_dict())
+            atomic_write_json(run_dir / "config.json",
+                              {**cfg.to_dict(), "model_overrides": overrides,
+                               "num_classes": len(ds.classes), "data_name": ds.name})
             if splits.split_record is not None:
                 atomic_write_json(run_dir / "split.json", splits.split_record)
         log.info(f"run {run_dir}: {cfg.model} ({params:,} parameters), recipe {r.name}, "
