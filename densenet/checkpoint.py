@@ -126,7 +126,7 @@ def _safe_torch_load(source, path: Path):
             f"trust it, re-save its state_dict with torch.save(model.state_dict(), ...). "
             f"Detail: {str(e).splitlines()[0]}"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # torch raises many types for a file that is not its format
         raise UsageError(
             f"{path} is not a readable PyTorch file (truncated, corrupt, or another format): "
             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}."

@@ -31,8 +31,6 @@ from .evaluate import autocast, evaluate_batches
 from .model import count_macs, count_parameters, create_model, model_info
 from .recipes import RECIPE_FIELDS, Recipe, get_recipe, override
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 RUN_FIELDS = ("model", "recipe", "data", "out", "download", "seed", "device", "amp",
               "channels_last", "compile", "sync_bn", "max_steps", "workers", "quiet")
 
@@ -154,7 +152,7 @@ def _normalisation(cfg: TrainConfig, ds) -> tuple[list[float], list[float]]:
     if cfg.recipe.normalize == "divide255":
         return [0.0] * 3, [1.0] * 3
     if cfg.recipe.normalize == "imagenet" or not ds.small:
-        return IMAGENET_MEAN, IMAGENET_STD
+        return list(data_mod.IMAGENET_MEAN), list(data_mod.IMAGENET_STD)
     return [float(v) for v in ds.channel_stats()[0]], [float(v) for v in ds.channel_stats()[1]]
 
 

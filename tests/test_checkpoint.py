@@ -95,3 +95,9 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     atomic_write_bytes(tmp_path / "f", b"old")
     atomic_write_bytes(tmp_path / "f", b"new content")
     assert (tmp_path / "f").read_bytes() == b"new content"
+
+
+def test_a_text_file_named_pt_is_a_clear_error(tmp_path):
+    (tmp_path / "notes.pt").write_text("hello world\n")
+    with pytest.raises(ValueError, match="not a readable PyTorch file"):
+        load_checkpoint(tmp_path / "notes.pt")
