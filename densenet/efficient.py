@@ -39,7 +39,7 @@ import torch.nn.functional as F
 def _supported(block, x: torch.Tensor) -> bool:
     if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
-    if x.dim() != 4 or x.is_sparse or not x.dtype.is_floating_point:
+    if x.dim() != 4 or x.is_sparse or x.is_meta or not x.dtype.is_floating_point:
         return False
     if torch.is_autocast_enabled(x.device.type):
         return False
