@@ -518,18 +518,8 @@ def _cmd_report(args) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    import argparse
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
-
-
 def register(sub) -> None:
+    from .cli import positive_int
     p = sub.add_parser("models", help="every registered model with parameters and FLOPs",
                        description="Every registered model: parameters, multiply-adds at its "
                        "native input size, input size.")
@@ -540,8 +530,8 @@ def register(sub) -> None:
                        description="Table 1's layout for any model: each stage with output size, "
                        "channels, layers, parameters and multiply-adds, and the totals.")
     p.add_argument("name", help="model name ('densenet models'), or densenet_bc{L}_k{k} / densenet{L}_k{k}")
-    p.add_argument("--input-size", type=_positive_int, help="input side in pixels (default: the model's)")
-    p.add_argument("--num-classes", type=_positive_int, help="classifier outputs (default: the model's)")
+    p.add_argument("--input-size", type=positive_int, help="input side in pixels (default: the model's)")
+    p.add_argument("--num-classes", type=positive_int, help="classifier outputs (default: the model's)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_summary)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 import traceback
@@ -16,6 +17,34 @@ from .errors import UsageError
 
 # Modules that each add sub-commands, in the order ``densenet --help`` lists them.
 COMMAND_MODULES = ["densenet.train", "densenet.inference", "densenet.export", "densenet.analysis", "densenet.bench"]
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0, with a message that says what was wrong."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def positive_int(text: str) -> int:
+    v = non_negative_int(text)
+    if v == 0:
+        raise argparse.ArgumentTypeError("must be at least 1, got 0")
+    return v
+
+
+def positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
 
 
 class _Parser(argparse.ArgumentParser):

@@ -8,6 +8,17 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
+from .errors import UsageError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but PyTorch sees no CUDA GPU here; "
+                         "use --device cpu (or auto).")
+    return torch.device(name)
+
 
 def autocast(device: torch.device, amp: str | None):
     """bfloat16 autocast when asked for, else a no-op context."""

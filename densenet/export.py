@@ -163,18 +163,8 @@ def _cmd_export(args) -> int:
     return 0
 
 
-def _positive_float(text: str) -> float:
-    import argparse
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return v
-
-
 def register(sub) -> None:
+    from .cli import positive_float
     p = sub.add_parser("export", help="export to ONNX, TorchScript or an ExportedProgram, verified",
                        description="Export a run's model (dynamic batch axis) and check the "
                        "written file against PyTorch on random inputs; exits 1 if the max abs "
@@ -185,7 +175,7 @@ def register(sub) -> None:
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, metavar="FILE",
                    help="output file (e.g. model.onnx, model.torchscript.pt, model.pt2)")
-    p.add_argument("--tolerance", type=_positive_float,
+    p.add_argument("--tolerance", type=positive_float,
                    help=f"max abs logit difference allowed (default: "
                         f"{', '.join(f'{k} {v:g}' for k, v in TOLERANCE.items())})")
     p.set_defaults(func=_cmd_export)

@@ -9,7 +9,6 @@ through ``--weights FILE --model NAME`` with the standard ImageNet preprocessing
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -20,7 +19,7 @@ import torch
 from .checkpoint import (build_model, extract_state_dict, load_checkpoint, read_file,
                          resolve_checkpoint_path)
 from .errors import UsageError
-from .evaluate import evaluate_batches, evaluate_ten_crop
+from .evaluate import evaluate_batches, evaluate_ten_crop, resolve_device
 from .model import DenseNet, create_model, model_info
 
 
@@ -328,26 +327,6 @@ def format_result(r: dict) -> str:
 
 # ----------------------------------------------------------------------------- command line
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but PyTorch sees no CUDA GPU here; use "
-                         "--device cpu (or auto).")
-    return torch.device(name)
-
-
-def _positive_int(text: str) -> int:
-    import argparse
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
-
-
 def _add_source(p) -> None:
     p.add_argument("source", nargs="?", metavar="RUN_DIR_OR_CHECKPOINT",
                    help="a training run directory (its best.pt) or a checkpoint file")
@@ -359,7 +338,7 @@ def _add_source(p) -> None:
 def _cmd_eval(args) -> int:
     loaded = load_for_inference(args.source, weights=args.weights, model=args.model)
     result = evaluate(loaded, args.data, args.split, args.ten_crop, args.batch_size,
-                      _device(args.device), args.workers)
+                      resolve_device(args.device), args.workers)
     if args.json == "-":
         print(json.dumps(result, indent=2))
         return 0
@@ -376,7 +355,7 @@ def _cmd_predict(args) -> int:
     if not args.images:
         raise UsageError("give one or more IMAGE files to classify.")
     loaded = load_for_inference(args.source, weights=args.weights, model=args.model)
-    results = predict(loaded, args.images, args.topk, device=_device(args.device))
+    results = predict(loaded, args.images, args.topk, device=resolve_device(args.device))
     if args.json:
         print(json.dumps([{"image": r["image"], "top": [{"class": c, "probability": p}
                                                         for c, p in r["top"]]} for r in results],
@@ -390,6 +369,7 @@ def _cmd_predict(args) -> int:
 
 
 def register(sub) -> None:
+    from .cli import positive_int
     p = sub.add_parser("eval", help="top-1/top-5 error of a trained model (single crop, 10-crop)",
                        description="Top-1 and top-5 error of a run's model on any data set "
                        "'densenet train' reads. Classes are matched by name, so class folders "
@@ -401,7 +381,7 @@ def register(sub) -> None:
                    help="which part to evaluate (default: test, else val, else all images)")
     p.add_argument("--ten-crop", action="store_true",
                    help="also the 10-crop error (ImageNet-size images only)")
-    p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (large images)")
     p.add_argument("--json", nargs="?", const="-", metavar="FILE",
@@ -416,7 +396,7 @@ def register(sub) -> None:
     p.add_argument("images", nargs="*", metavar="IMAGE")
     p.add_argument("--weights", metavar="FILE", help="a torchvision or timm state-dict file (needs --model)")
     p.add_argument("--model", help="the architecture of --weights, e.g. densenet121")
-    p.add_argument("--topk", type=_positive_int, default=5)
+    p.add_argument("--topk", type=positive_int, default=5)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_predict)

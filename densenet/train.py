@@ -6,10 +6,8 @@ The ``densenet train`` command is a thin layer over it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import math
 import os
 import random
 import signal
@@ -27,7 +25,7 @@ from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, s
 from .distributed import (World, all_reduce_sum, barrier, convert_sync_batchnorm,
                           gather_objects, init_from_env)
 from .errors import UsageError
-from .evaluate import autocast, evaluate_batches
+from .evaluate import autocast, evaluate_batches, resolve_device
 from .model import count_macs, count_parameters, create_model, model_info
 from .recipes import RECIPE_FIELDS, Recipe, get_recipe, override
 
@@ -115,15 +113,6 @@ def _validate_run_fields(cfg: TrainConfig) -> None:
         if not ok:
             raise UsageError(f"--{name.replace('_', '-')} must be {expected}, got "
                              f"{getattr(cfg, name)!r}.")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but PyTorch sees no CUDA GPU here; "
-                         "use --device cpu (or auto).")
-    return torch.device(name)
 
 
 def learning_rate(recipe: Recipe, epoch: int) -> float:
@@ -650,37 +639,8 @@ def _cmd_recipes(args) -> int:
     return 0
 
 
-def _non_negative_int(text: str) -> int:
-    import argparse
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    import argparse
-    v = _non_negative_int(text)
-    if v == 0:
-        raise argparse.ArgumentTypeError("must be at least 1, got 0")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    import argparse
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return v
-
-
 def register(sub) -> None:
+    from .cli import non_negative_int, positive_float, positive_int
     p = sub.add_parser("train", help="train a DenseNet (no arguments: the offline quickstart)",
                        description="Train a DenseNet with one of the paper's recipes into a run "
                        "directory. With no arguments: the quickstart on the embedded CIFAR-10 sample.")
@@ -689,20 +649,20 @@ def register(sub) -> None:
     p.add_argument("--data", help="data path: CIFAR archive/folder, SVHN .mat folder, or class folders")
     p.add_argument("--download", action="store_true", help="fetch CIFAR/SVHN into --data if missing")
     p.add_argument("--out", help="run directory (default: runs/RECIPE-MODEL-TIME)")
-    p.add_argument("--epochs", type=_positive_int)
-    p.add_argument("--batch-size", type=_positive_int, help="global batch size")
-    p.add_argument("--lr", type=_positive_float, help="initial learning rate")
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int, help="global batch size")
+    p.add_argument("--lr", type=positive_float, help="initial learning rate")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="override any recipe field, e.g. --set val_size=0 --set augment=false")
-    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--amp", choices=["bf16"], help="bfloat16 autocast")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--max-steps", type=_positive_int, help="stop after this many steps (smoke runs)")
-    p.add_argument("--workers", type=_non_negative_int, default=4, help="DataLoader workers (large images)")
+    p.add_argument("--max-steps", type=positive_int, help="stop after this many steps (smoke runs)")
+    p.add_argument("--workers", type=non_negative_int, default=4, help="DataLoader workers (large images)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
-    p.add_argument("--nproc", type=_positive_int,
+    p.add_argument("--nproc", type=positive_int,
                    help="processes on this machine (launches torchrun; one per GPU)")
     p.add_argument("--sync-bn", action="store_true",
                    help="synchronise BatchNorm statistics over all processes")
