@@ -30,7 +30,8 @@ from .model import count_macs, count_parameters, create_model, model_info
 from .recipes import RECIPE_FIELDS, Recipe, get_recipe, override
 
 RUN_FIELDS = ("model", "recipe", "data", "out", "download", "seed", "device", "amp",
-              "channels_last", "compile", "sync_bn", "max_steps", "workers", "quiet")
+              "channels_last", "compile", "sync_bn", "implementation", "max_steps", "workers",
+              "quiet")
 
 
 @dataclass
@@ -47,6 +48,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     sync_bn: bool = False           # SyncBatchNorm over all processes (DDP)
+    implementation: str = "efficient"  # dense-block path; "reference" is the plain one
     max_steps: int | None = None
     workers: int = 4
     quiet: bool = False
@@ -107,6 +109,8 @@ def _validate_run_fields(cfg: TrainConfig) -> None:
         ("max_steps", cfg.max_steps is None or (is_int(cfg.max_steps) and cfg.max_steps >= 1),
          "an integer >= 1"),
         ("workers", is_int(cfg.workers) and cfg.workers >= 0, "an integer >= 0"),
+        ("implementation", cfg.implementation in ("efficient", "reference"),
+         "efficient or reference"),
     ] + [(name, isinstance(getattr(cfg, name), bool), "true or false")
          for name in ("download", "channels_last", "compile", "sync_bn", "quiet")]
     for name, ok, expected in checks:
@@ -312,6 +316,7 @@ def _run(cfg: TrainConfig, run_dir: Path, ds, state: dict | None, world: World) 
     splits = _Splits(cfg, ds, device, run_dir, world.rank, world.size)
     overrides = {"num_classes": len(ds.classes), "drop_rate": r.drop_rate}
     net = create_model(cfg.model, **overrides).to(device)
+    net.set_implementation(cfg.implementation)
     if cfg.sync_bn and world.size > 1:
         # the efficient block computes its BatchNorms itself; the plain path uses the modules
         net.set_implementation("reference")
@@ -618,7 +623,8 @@ def _cmd_train(args) -> int:
     train(args.model, args.recipe or "quickstart", args.data, args.out, epochs=args.epochs,
           batch_size=args.batch_size, lr=args.lr, set_fields=_parse_set(args.set),
           seed=args.seed, device=args.device, amp=args.amp, channels_last=args.channels_last,
-          compile=args.compile, sync_bn=args.sync_bn, max_steps=args.max_steps, workers=args.workers,
+          compile=args.compile, sync_bn=args.sync_bn, implementation=args.implementation,
+          max_steps=args.max_steps, workers=args.workers,
           quiet=args.quiet, download=args.download)
     return 0
 
@@ -659,6 +665,8 @@ def register(sub) -> None:
     p.add_argument("--amp", choices=["bf16"], help="bfloat16 autocast")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--implementation", default="efficient", choices=["efficient", "reference"],
+                   help="dense-block path: memory-efficient (default) or the plain reference")
     p.add_argument("--max-steps", type=positive_int, help="stop after this many steps (smoke runs)")
     p.add_argument("--workers", type=non_negative_int, default=4, help="DataLoader workers (large images)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")

@@ -28,7 +28,11 @@ def data(tmp_path_factory):
 
 
 def test_two_processes_with_sync_bn_equal_one_process_with_the_same_global_batch(tmp_path, data):
-    one = densenet(*ARGS, "--data", str(data), "--epochs", "1", "--out", str(tmp_path / "one"))
+    # SyncBatchNorm runs the plain dense-block path, so the 1-process run uses it too: the
+    # efficient path agrees with it to 1e-14 in float64 (test_efficient), but on this tiny-batch
+    # data float32 rounding differences grow to about 1% over six SGD steps
+    one = densenet(*ARGS, "--data", str(data), "--epochs", "1", "--out", str(tmp_path / "one"),
+                   "--implementation", "reference")
     assert one.returncode == 0, one.stderr
     two = densenet(*ARGS, "--data", str(data), "--epochs", "1", "--out", str(tmp_path / "two"),
                    "--nproc", "2", "--sync-bn")
