@@ -186,3 +186,26 @@ def test_debug_shows_the_traceback(tmp_path):
     assert code == 2 and "Traceback" in err and "unknown recipe" in err
     code, err = _run_cli(["train", "--recipe", "nope"])
     assert code == 2 and "Traceback" not in err
+
+
+other_commands = st.sampled_from(["recipes", "models", "summary", "eval", "predict", "export",
+                                  "analyze", "plot", "report", "bench"])
+other_flags = st.sampled_from(["--show", "--json", "--input-size", "--num-classes", "--data",
+                               "--split", "--batch-size", "--topk", "--format", "--out", "--kind",
+                               "--weights", "--model", "--device", "--tolerance", "--steps"])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(command=other_commands, positional=st.lists(values, max_size=2),
+       pairs=st.lists(st.tuples(other_flags, values), max_size=3))
+def test_random_arguments_to_every_other_command_end_cleanly(tmp_path, command, positional, pairs):
+    argv = [command, *positional]
+    for flag, value in pairs:
+        argv += [flag, value]
+    if command == "bench":
+        argv += ["--model", "nope"]  # never start a real benchmark from a property test
+    if command in ("summary", "models") and not positional and not pairs:
+        argv += ["--json"]
+    code, err = _run_cli(argv)
+    assert code in (0, 1, 2), (argv, err)
+    assert "internal error" not in err and "Traceback" not in err, (argv, err)
