@@ -41,7 +41,8 @@ class Recipe:
 
     def milestone_epochs(self, epochs: int | None = None) -> list[int]:
         epochs = self.epochs if epochs is None else epochs
-        return [int(round(f * epochs)) for f in self.lr_milestones]
+        # never at epoch 0: a one-epoch run keeps the initial learning rate
+        return [max(1, int(round(f * epochs))) for f in self.lr_milestones]
 
 
 _CIFAR = dict(epochs=300, batch_size=64, lr=0.1, val_size=5000, selection="final")
