@@ -21,8 +21,16 @@ block is one autograd function (after Pleiss et al. 2017, arXiv 1707.06990):
   Every consumer of a channel uses the same batch mean and inverse std, so the corrections of
   all consumers are summed as per-channel scalars and applied once per segment, when all its
   consumers are done - one pass over k maps instead of one pass per consumer.
-* Few, large, reused allocations: DenseNets' many large temporaries are what makes glibc malloc
-  slow on CPU (docs: shared/notes/torchvision-anchors.md, 40 -> 112 img/s with tcmalloc).
+* On the CPU the element-wise work runs in fused kernels (``kernels.py``): BN-ReLU in one pass,
+  and in backward one pass that applies the ReLU mask, sums both BN gradient terms, adds the
+  input gradient and recomputes BN-ReLU for the weight gradient. The 1x1 part goes through the
+  rows in 4096-row chunks so the BN-ReLU scratch stays in cache between the kernel and ``mm``.
+  Where the kernels are unavailable (CUDA, no C compiler) the same steps use torch ops.
+* Few, large, reused allocations, the large ones backed by transparent huge pages: DenseNets'
+  large temporaries are what makes the CPU slow (page faults on fresh memory; with glibc malloc
+  torchvision's bc100 takes 100,000-500,000 faults per training step, see benchmarks/RESULTS.md).
+* The transitions' BN-ReLU-Conv1x1 is one function of the same kind (``transition_forward``):
+  it saves only its input, whose batch statistics it computes in one pass.
 
 Cases the function does not cover (bf16 autocast, torch.compile / tracing / scripting, a
 SyncBatchNorm or BN without affine parameters, non-BatchNorm2d norms) run the reference path,
@@ -34,6 +42,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from . import kernels
 
 
 def _supported(block, x: torch.Tensor) -> bool:
@@ -116,19 +126,81 @@ def _batch_mean_var(x4d: torch.Tensor, eps: float):
     return mean, invstd.pow(-2).sub_(eps)
 
 
-def _norm2_forward(bn: nn.BatchNorm2d, y4d: torch.Tensor):
-    """BN of the bottleneck output by the fused kernel, with nn.BatchNorm2d's buffer updates.
-    Returns (output, mean, inverse std) - the statistics backward normalises with."""
+def _fused(t: torch.Tensor) -> bool:
+    """Use the compiled CPU kernels (kernels.py) for ``t``; else the torch ops below."""
+    return kernels.available(t)
+
+
+def _col_stats(rows: torch.Tensor, eps: float, n: int, h: int, w: int):
+    """Per-channel batch (mean, biased variance) of an (N*H*W, C) matrix."""
+    if _fused(rows):
+        return kernels.col_stats(rows)
+    return _batch_mean_var(_nchw(rows, n, h, w), eps)
+
+
+def _bn_relu(x: torch.Tensor, scale, shift, out: torch.Tensor) -> torch.Tensor:
+    """out = relu(x * scale + shift): BN with folded statistics, then ReLU, one pass."""
+    if _fused(x):
+        return kernels.bn_relu(x, scale, shift, out)
+    return torch.addcmul(shift, x, scale, out=out).relu_()
+
+
+def _bn_relu_grad(x, g, scale, shift, mean, tmp, dx=None, sums=None, z=None):
+    """Backward through relu(x * scale + shift) for the gradient ``g`` at its output: adds the
+    per-channel sums of g' and of (x - mean) * g' (g' = g masked by the ReLU) to ``sums``, a
+    float64 (2, C) tensor, and with ``dx`` adds g' * scale to it; with ``z`` it also writes
+    relu(x * scale + shift) there (``tmp`` is then unused). Returns ``sums``. ``g`` may be
+    overwritten with g'; ``tmp`` is scratch shaped like ``x``."""
+    if sums is None:
+        sums = torch.zeros(2, x.shape[1], dtype=torch.float64, device=x.device)
+    if _fused(x):
+        return kernels.bn_relu_grad(x, g, scale, shift, mean, dx, sums, z)
+    if z is not None:
+        _bn_relu(x, scale, shift, z)
+        tmp = x.new_empty(x.shape)
+    g.mul_(torch.addcmul(shift, x, scale, out=tmp).relu_().sign_())
+    sums[0] += g.sum(0)
+    sums[1] += torch.sub(x, mean, out=tmp).mul_(g).sum(0)
+    if dx is not None:
+        dx.addcmul_(g, scale)
+    return sums
+
+
+def _affine_add(x, coef, const, src, out):
+    """out = src + x * coef + const, per channel (``out`` may be ``src``)."""
+    if _fused(x):
+        return kernels.col_affine_add(x, coef, const, src, out)
+    if out is not src:
+        out.copy_(src)
+    return out.addcmul_(x, coef).add_(const)
+
+
+def _chunk_rows(t: torch.Tensor, m: int) -> int:
+    """Rows per chunk of the 1x1-convolution part: on the CPU, 4096-row slices keep the BN-ReLU
+    scratch in cache and run the matrix products 1.3-1.8x faster than one (N*H*W)-row product."""
+    return min(m, 4096) if t.device.type == "cpu" else m
+
+
+def _bn_grad_apply(x, g, scale, shift, mean, a, b, tmp):
+    """In place, g = scale * (g' - a - (x - mean) * b): a BN input gradient from its sums
+    (``g`` as left by ``_bn_relu_grad``)."""
+    if _fused(x):
+        return kernels.bn_grad_apply(x, g, scale, shift, mean, a, b, g)
+    torch.sub(x, mean, out=tmp).mul_(b).add_(a)
+    return g.sub_(tmp).mul_(scale)
+
+
+def _norm2_forward(bn: nn.BatchNorm2d, y1: torch.Tensor, n: int, h: int, w: int):
+    """(scale, shift, mean, inverse std) of BN2 on the bottleneck output ``y1`` (rows), with
+    nn.BatchNorm2d's buffer updates when it uses batch statistics."""
     if _uses_batch_stats(bn):
-        momentum = 0.0
-        if bn.training and bn.track_running_stats:
-            bn.num_batches_tracked.add_(1)
-            momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        return torch.native_batch_norm(y4d, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                                       True, momentum, bn.eps)
-    out = torch.native_batch_norm(y4d, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                                  False, 0.0, bn.eps)[0]
-    return out, bn.running_mean, torch.rsqrt(bn.running_var + bn.eps)
+        mean, var = _col_stats(y1, bn.eps, n, h, w)
+        _update_running_stats(bn, mean, var, y1.shape[0])
+        rstd = torch.rsqrt(var + bn.eps)
+    else:
+        mean, rstd = bn.running_mean, torch.rsqrt(bn.running_var + bn.eps)
+    scale = bn.weight * rstd
+    return scale, bn.bias - mean * scale, mean, rstd
 
 
 def _nchw(t2d: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
@@ -137,8 +209,9 @@ def _nchw(t2d: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
 
 
 def _rows(t4d: torch.Tensor) -> torch.Tensor:
-    """An (N, C, H, W) tensor as an (N*H*W, C) matrix (a copy unless it is channels-last)."""
-    return t4d.permute(0, 2, 3, 1).reshape(-1, t4d.shape[1])
+    """An (N, C, H, W) tensor as an (N*H*W, C) row-major matrix (a copy unless channels-last)."""
+    rows = t4d.permute(0, 2, 3, 1).reshape(-1, t4d.shape[1])
+    return rows if rows.stride(1) == 1 or rows.shape[1] == 1 else rows.contiguous()
 
 
 def _dropout_noise(layer, shape, like: torch.Tensor, fmt):
@@ -159,7 +232,7 @@ def _forward(block, layers, x: torch.Tensor, save: bool):
     # Dropout noise is drawn in the layout the reference path's convolutions produce.
     fmt = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
            and not x.is_contiguous() else torch.contiguous_format)
-    buf = x.new_empty((n, h, w, c_total))
+    buf = kernels.huge_empty((n, h, w, c_total), x)
     buf[..., :c0].copy_(x.permute(0, 2, 3, 1))
     X = buf.view(m, c_total)
 
@@ -169,13 +242,15 @@ def _forward(block, layers, x: torch.Tensor, save: bool):
     if batch_stats:
         mean_all = x.new_empty(c_total)
         var_all = x.new_empty(c_total)
-        mean_all[:c0], var_all[:c0] = _batch_mean_var(x, eps)
+        mean_all[:c0], var_all[:c0] = _col_stats(X[:, :c0], eps, n, h, w)
 
     bottleneck = layers[0].bottleneck
     inner = layers[0].conv1.out_channels
-    scratch = x.new_empty(m * (c0 + (num - 1) * k))  # BN-ReLU'd input of the current layer
+    rows = _chunk_rows(x, m) if bottleneck else m
+    scratch = x.new_empty(rows * (c0 + (num - 1) * k))  # BN-ReLU'd input of the current layer
     if bottleneck:
-        y1_store = x.new_empty((num if save else 1, m, inner))
+        y1_store = kernels.huge_empty((num if save else 1, m, inner), x)
+        z2 = kernels.huge_empty((m, inner), x)
     saved = []
     for i, layer in enumerate(layers):
         c_in = c0 + i * k
@@ -186,29 +261,34 @@ def _forward(block, layers, x: torch.Tensor, save: bool):
                               var_all[:c_in] if batch_stats else None)
         scale1 = norm1.weight * rstd1
         shift1 = norm1.bias - mean1 * scale1
-        z = scratch[: m * c_in].view(m, c_in)
-        torch.addcmul(shift1, X[:, :c_in], scale1, out=z).relu_()
 
         rec = {"mean1": mean1, "rstd1": rstd1}
         if bottleneck:
             y1 = y1_store[i if save else 0]
-            torch.mm(z, layer.conv1.weight.view(inner, c_in).t(), out=y1)
+            w1t = layer.conv1.weight.view(inner, c_in).t()
+            for lo in range(0, m, rows):
+                hi = min(lo + rows, m)
+                z = _bn_relu(X[lo:hi, :c_in], scale1, shift1, scratch[: (hi - lo) * c_in].view(hi - lo, c_in))
+                torch.mm(z, w1t, out=y1[lo:hi])
             if layer.drop_rate > 0 and layer.training:
                 noise = _dropout_noise(layer, (n, inner, h, w), x, fmt)
                 _nchw(y1, n, h, w).mul_(noise)
                 rec["mask1"] = noise != 0
-            z2, mean2, rstd2 = _norm2_forward(layer.norm2, _nchw(y1, n, h, w))
-            new = F.conv2d(z2.relu_(), layer.conv2.weight, padding=layer.conv2.padding)
+            scale2, shift2, mean2, rstd2 = _norm2_forward(layer.norm2, y1, n, h, w)
+            _bn_relu(y1, scale2, shift2, z2)
+            new = F.conv2d(_nchw(z2, n, h, w), layer.conv2.weight, padding=layer.conv2.padding)
             rec.update(mean2=mean2, rstd2=rstd2)
         else:
+            z = _bn_relu(X[:, :c_in], scale1, shift1, scratch[: m * c_in].view(m, c_in))
             new = F.conv2d(_nchw(z, n, h, w), layer.conv1.weight, padding=layer.conv1.padding)
         if layer.drop_rate > 0 and layer.training:
             noise = _dropout_noise(layer, (n, k, h, w), x, fmt)
             new = new * noise
             rec["mask2"] = noise != 0
-        buf[..., c_in:c_in + k].copy_(new.permute(0, 2, 3, 1))
+        new_rows = _rows(new)  # a view: the convolution's output is channels-last
         if batch_stats:
-            mean_all[c_in:c_in + k], var_all[c_in:c_in + k] = _batch_mean_var(new, eps)
+            mean_all[c_in:c_in + k], var_all[c_in:c_in + k] = _col_stats(new_rows, eps, n, h, w)
+        X[:, c_in:c_in + k].copy_(new_rows)
         saved.append(rec)
 
     out = buf.permute(0, 3, 1, 2)
@@ -248,7 +328,7 @@ class _DenseBlockFunction(torch.autograd.Function):
         c0 = ctx.c0
         k = ctx.block.growth_rate
         X = buf.view(m, c_total)
-        dbuf = torch.empty_like(buf)
+        dbuf = kernels.huge_empty(buf.shape, buf)
         dbuf.copy_(grad_out.permute(0, 2, 3, 1))
         dX = dbuf.view(m, c_total)
         # Per-channel sums over training-mode consumers of gamma*rstd*mean(g) and
@@ -260,78 +340,191 @@ class _DenseBlockFunction(torch.autograd.Function):
         if mean_all is not None:
             rstd_all = torch.rsqrt(var_all + layers[0].norm1.eps)
 
-        def finalize(lo, hi):
+        def finalize(lo, hi, out):
+            """The finished gradient of buffer channels lo:hi into ``out``: dX plus the summed
+            BN corrections, dx -= a + xhat * b, xhat = (x - mean) * rstd, folded into one pass."""
             if rstd_all is None:
-                return
-            # dx -= a + xhat * b, xhat = (x - mean) * rstd, folded into one addcmul + add
+                return out.copy_(dX[:, lo:hi])
             coef = -corr_b[lo:hi] * rstd_all[lo:hi]
             const = corr_b[lo:hi] * rstd_all[lo:hi] * mean_all[lo:hi] - corr_a[lo:hi]
-            dX[:, lo:hi].addcmul_(X[:, lo:hi], coef).add_(const)
+            return _affine_add(X[:, lo:hi], coef, const, dX[:, lo:hi], out)
 
-        scratch = X.new_empty(m * (c0 + (len(layers) - 1) * k))
-        gscratch = X.new_empty(m * (c0 + (len(layers) - 1) * k))
+        seg = X.new_empty(m, k)  # the finished gradient of the current layer's maps
         bottleneck = layers[0].bottleneck
+        rows = _chunk_rows(X, m) if bottleneck else m
+        scratch = X.new_empty(rows * (c0 + (len(layers) - 1) * k))
+        gscratch = X.new_empty(rows * (c0 + (len(layers) - 1) * k))
         if bottleneck:
             inner = layers[0].conv1.out_channels
-            z2 = X.new_empty((m, inner))
+            z2 = kernels.huge_empty((m, inner), X)
         grads = []
         for i in reversed(range(len(layers))):
             layer, rec = layers[i], st["saved"][i]
             c_in = c0 + i * k
             norm1 = layer.norm1
             batch1 = ctx.training[i][0]
-            finalize(c_in, c_in + k)  # every consumer of layer i's maps is done
-            d_new = _nchw(dX[:, c_in:c_in + k], n, h, w)
+            # every consumer of layer i's maps is done: their gradient, contiguous for the conv
+            d_new = _nchw(finalize(c_in, c_in + k, seg), n, h, w)
             if "mask2" in rec:
                 d_new = d_new * rec["mask2"] / (1 - layer.drop_rate)
             layer_grads = [None] * (6 if bottleneck else 3)
             if bottleneck:
                 norm2, conv2 = layer.norm2, layer.conv2
                 y1 = st["y1"][i]
-                scale2 = norm2.weight * rec["rstd2"]
-                torch.addcmul(norm2.bias - rec["mean2"] * scale2, y1, scale2, out=z2).relu_()
+                mean2, rstd2 = rec["mean2"], rec["rstd2"]
+                scale2 = norm2.weight * rstd2
+                shift2 = norm2.bias - mean2 * scale2
+                _bn_relu(y1, scale2, shift2, z2)
                 dz2, dw2, _ = torch.ops.aten.convolution_backward(
                     d_new, _nchw(z2, n, h, w), conv2.weight, None, [1, 1], list(conv2.padding),
                     [1, 1], False, [0, 0], 1, [True, True, False])
-                dz2.mul_(_nchw(z2, n, h, w).sign_())  # ReLU backward (z2 >= 0)
-                dy1, dg2, db2 = torch.ops.aten.native_batch_norm_backward(
-                    dz2, _nchw(y1, n, h, w), norm2.weight, norm2.running_mean, norm2.running_var,
-                    rec["mean2"], rec["rstd2"], ctx.training[i][1], norm2.eps, [True, True, True])
-                layer_grads[3:] = [dg2, db2, dw2]
+                dy1 = _rows(dz2)  # a view when dz2 is channels-last, else a copy
+                sum_g, sum_xg = _bn_relu_grad(y1, dy1, scale2, shift2, mean2, z2).to(y1.dtype)
+                dg2 = sum_xg * rstd2
+                if ctx.training[i][1]:
+                    _bn_grad_apply(y1, dy1, scale2, shift2, mean2, sum_g / m, dg2 * rstd2 / m, z2)
+                else:
+                    _bn_grad_apply(y1, dy1, scale2, shift2, mean2, torch.zeros_like(sum_g),
+                                   torch.zeros_like(sum_g), z2)
+                layer_grads[3:] = [dg2, sum_g, dw2]
                 if "mask1" in rec:
-                    dy1 = dy1 * rec["mask1"] / (1 - layer.drop_rate)
-                dy1 = _rows(dy1)
+                    dy1 = _rows(_nchw(dy1, n, h, w) * rec["mask1"] / (1 - layer.drop_rate))
             else:
                 dy1 = d_new
 
             mean1, rstd1 = rec["mean1"], rec["rstd1"]
             scale1 = norm1.weight * rstd1
-            z = scratch[: m * c_in].view(m, c_in)
-            torch.addcmul(norm1.bias - mean1 * scale1, X[:, :c_in], scale1, out=z).relu_()
+            shift1 = norm1.bias - mean1 * scale1
+            sums = torch.zeros(2, c_in, dtype=torch.float64, device=X.device)
             if bottleneck:
                 w1 = layer.conv1.weight.view(inner, c_in)
-                dw1 = torch.mm(dy1.t(), z).view_as(layer.conv1.weight)
-                g = torch.mm(dy1, w1, out=gscratch[: m * c_in].view(m, c_in))
+                dw1 = X.new_zeros(inner, c_in)
+                for lo in range(0, m, rows):  # row chunks: the scratch stays in cache
+                    hi = min(lo + rows, m)
+                    z = scratch[: (hi - lo) * c_in].view(hi - lo, c_in)
+                    g = torch.mm(dy1[lo:hi], w1, out=gscratch[: (hi - lo) * c_in].view(hi - lo, c_in))
+                    # one pass: ReLU mask, BN sums, dX += g' * scale and z = relu(bn(X)) for dW
+                    _bn_relu_grad(X[lo:hi, :c_in], g, scale1, shift1, mean1, None,
+                                  dx=dX[lo:hi, :c_in], sums=sums, z=z)
+                    dw1.addmm_(dy1[lo:hi].t(), z)
+                dw1 = dw1.view_as(layer.conv1.weight)
             else:
+                Xi = X[:, :c_in]
+                z = _bn_relu(Xi, scale1, shift1, scratch[: m * c_in].view(m, c_in))
                 dg, dw1, _ = torch.ops.aten.convolution_backward(
                     dy1, _nchw(z, n, h, w), layer.conv1.weight, None, [1, 1],
                     list(layer.conv1.padding), [1, 1], False, [0, 0], 1, [True, True, False])
                 g = gscratch[: m * c_in].view(m, c_in)
                 g.copy_(_rows(dg))
-            g.mul_(z.sign_())  # ReLU backward; z is free after this
-            dbeta = g.sum(0)
-            xhat_g = torch.sub(X[:, :c_in], mean1, out=z).mul_(g)
-            dgamma = xhat_g.sum(0).mul_(rstd1)
+                _bn_relu_grad(Xi, g, scale1, shift1, mean1, z, dx=dX[:, :c_in], sums=sums)
+            dbeta, sum_xg = sums.to(X.dtype)
+            dgamma = sum_xg.mul_(rstd1)
             layer_grads[:3] = [dgamma, dbeta, dw1]
-            dX[:, :c_in].addcmul_(g, scale1)
             if batch1:
                 corr_a[:c_in].add_(scale1 * dbeta / m)
                 corr_b[:c_in].add_(scale1 * dgamma / m)
             grads = layer_grads + grads
-        finalize(0, c0)
+        finalize(0, c0, dX[:, :c0])
         dx = dbuf[..., :c0].permute(0, 3, 1, 2)
         if st["fmt"] is torch.contiguous_format:
             dx = dx.contiguous()
         needs = ctx.needs_input_grad
         grads = [g if needs[2 + j] else None for j, g in enumerate(grads)]
         return (None, dx if needs[1] else None, *grads)
+
+
+# ----------------------------------------------------------------------------- transitions
+
+def transition_forward(trans, x: torch.Tensor) -> torch.Tensor:
+    """Forward of a ``Transition`` (BN-ReLU-Conv1x1 [dropout] AvgPool): the BN-ReLU-Conv1x1
+    part in one function that recomputes BN-ReLU in backward, like the block's layers."""
+    norm, conv = trans.norm, trans.conv
+    if (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+            or x.dim() != 4 or not x.dtype.is_floating_point or x.is_meta
+            or torch.is_autocast_enabled(x.device.type)
+            or type(norm) is not nn.BatchNorm2d or not norm.affine or conv.bias is not None
+            or conv.groups != 1 or conv.kernel_size != (1, 1) or conv.stride != (1, 1)):
+        y = conv(trans.relu(norm(x)))
+    elif torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad
+                                      or norm.bias.requires_grad or conv.weight.requires_grad):
+        y = _BnReluConvFunction.apply(norm, x, norm.weight, norm.bias, conv.weight)
+    else:
+        with torch.no_grad():
+            y = _bn_relu_conv_forward(norm, x, conv.weight)[0]
+    if hasattr(trans, "drop"):
+        y = trans.drop(y)
+    return trans.pool(y)
+
+
+def _bn_relu_conv_forward(norm, x, weight):
+    n, c, h, w = x.shape
+    m = n * h * w
+    X = _rows(x)  # a view of channels-last input
+    if _uses_batch_stats(norm):
+        mean, var = _col_stats(X, norm.eps, n, h, w)
+        _update_running_stats(norm, mean, var, m)
+        rstd = torch.rsqrt(var + norm.eps)
+    else:
+        mean, rstd = norm.running_mean, torch.rsqrt(norm.running_var + norm.eps)
+    scale = norm.weight * rstd
+    shift = norm.bias - mean * scale
+    c_out = weight.shape[0]
+    wt = weight.view(c_out, c).t()
+    Y = kernels.huge_empty((m, c_out), X)
+    rows = _chunk_rows(X, m)
+    scratch = X.new_empty(rows * c)
+    for lo in range(0, m, rows):
+        hi = min(lo + rows, m)
+        torch.mm(_bn_relu(X[lo:hi], scale, shift, scratch[: (hi - lo) * c].view(hi - lo, c)), wt, out=Y[lo:hi])
+    out = _nchw(Y, n, h, w)
+    if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
+        out = out.contiguous()  # layout in = layout out, as nn.Conv2d
+    return out, X, mean, rstd, scale, shift
+
+
+class _BnReluConvFunction(torch.autograd.Function):
+    """conv1x1(relu(bn(x))) saving only x: BN-ReLU is recomputed in backward, row chunk by row
+    chunk, so neither the BN output nor the ReLU output is ever stored."""
+
+    @staticmethod
+    def forward(ctx, norm, x, gamma, beta, weight):
+        out, X, mean, rstd, scale, shift = _bn_relu_conv_forward(norm, x, weight)
+        ctx.save_for_backward(X, weight)
+        ctx.stats = (mean, rstd, scale, shift, _uses_batch_stats(norm))
+        ctx.shape = x.shape
+        ctx.layout = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        X, weight = ctx.saved_tensors
+        mean, rstd, scale, shift, batch = ctx.stats
+        n, c, h, w = ctx.shape
+        m = n * h * w
+        c_out = weight.shape[0]
+        w2d = weight.view(c_out, c)
+        dY = _rows(grad_out)
+        dX = kernels.huge_empty(X.shape, X).zero_()
+        dw = X.new_zeros(c_out, c)
+        sums = torch.zeros(2, c, dtype=torch.float64, device=X.device)
+        rows = _chunk_rows(X, m)
+        scratch = X.new_empty(rows * c)
+        gscratch = X.new_empty(rows * c)
+        for lo in range(0, m, rows):
+            hi = min(lo + rows, m)
+            z = scratch[: (hi - lo) * c].view(hi - lo, c)
+            g = torch.mm(dY[lo:hi], w2d, out=gscratch[: (hi - lo) * c].view(hi - lo, c))
+            _bn_relu_grad(X[lo:hi], g, scale, shift, mean, None, dx=dX[lo:hi], sums=sums, z=z)
+            dw.addmm_(dY[lo:hi].t(), z)
+        dbeta, sum_xg = sums.to(X.dtype)
+        dgamma = sum_xg * rstd
+        if batch:  # BN's two batch-statistics corrections: dx -= scale * (mean(g') + xhat * mean(g' xhat))
+            b = scale * rstd * dgamma / m
+            _affine_add(X, -b, b * mean - scale * dbeta / m, dX, dX)
+        dx = _nchw(dX, n, h, w)
+        if not ctx.layout:
+            dx = dx.contiguous()
+        needs = ctx.needs_input_grad
+        return (None, dx if needs[1] else None, dgamma if needs[2] else None,
+                dbeta if needs[3] else None, dw.view_as(weight) if needs[4] else None)

@@ -110,14 +110,22 @@ class DenseBlock(nn.ModuleDict):
 class Transition(nn.Sequential):
     """BN-ReLU-Conv1x1 to floor(theta * m) maps - [dropout] - AvgPool 2x2/2."""
 
-    def __init__(self, in_channels: int, out_channels: int, drop_rate: float):
+    def __init__(self, in_channels: int, out_channels: int, drop_rate: float,
+                 implementation: str = "efficient"):
         super().__init__()
+        self.implementation = implementation
         self.norm = nn.BatchNorm2d(in_channels)
         self.relu = nn.ReLU(inplace=True)
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
         if drop_rate > 0:
             self.drop = nn.Dropout(drop_rate)
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "implementation", "reference") == "efficient":
+            from .efficient import transition_forward
+            return transition_forward(self, x)
+        return super().forward(x)
 
 
 def _check_positive_int(name: str, value) -> int:
@@ -195,7 +203,7 @@ class DenseNet(nn.Module):
             channels = block.out_channels
             if i != len(self.block_config) - 1:
                 out = int(self.compression * channels)  # floor(theta * m)
-                self.features.add_module(f"transition{i + 1}", Transition(channels, out, drop_rate))
+                self.features.add_module(f"transition{i + 1}", Transition(channels, out, drop_rate, implementation))
                 channels = out
         # torchvision calls the final BN "norm5" whatever the number of blocks; keep its name.
         self.features.add_module("norm5", nn.BatchNorm2d(channels))
@@ -211,7 +219,7 @@ class DenseNet(nn.Module):
         if implementation not in IMPLEMENTATIONS:
             raise UsageError(f"implementation must be one of {', '.join(IMPLEMENTATIONS)}, got {implementation!r}.")
         for m in self.modules():
-            if isinstance(m, DenseBlock):
+            if isinstance(m, (DenseBlock, Transition)):
                 m.implementation = implementation
         return self
 

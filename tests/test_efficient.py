@@ -37,6 +37,21 @@ def _assert_same(a, b, tol):
         assert ((got - ref).abs().max() / scale).item() < tol, key
 
 
+@pytest.fixture(params=["kernels", "torch-ops", "small-chunks"])
+def path(request, monkeypatch):
+    """The three ways the efficient path runs on a CPU: the compiled kernels (default), the
+    torch ops used where they are unavailable (CUDA, no compiler), and the row-chunked 1x1
+    part with many chunks and a ragged last one (real runs use 4096-row chunks)."""
+    from densenet import efficient, kernels
+    if request.param == "torch-ops":
+        monkeypatch.setenv("DENSENET_KERNELS", "0")
+    elif request.param == "small-chunks":
+        monkeypatch.setattr(efficient, "_chunk_rows", lambda t, m: min(m, 37))
+    if request.param != "torch-ops" and not kernels.available(torch.zeros(1)):
+        pytest.skip(f"kernels unavailable: {kernels.unavailable_reason()}")
+    return request.param
+
+
 CASES = {
     "DenseNet-BC": dict(depth=16, growth_rate=4, bottleneck=True),
     "basic DenseNet": dict(depth=13, growth_rate=4, bottleneck=False, compression=1.0),
@@ -47,7 +62,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_efficient_block_matches_reference_in_float64(case, channels_last):
+def test_efficient_block_matches_reference_in_float64(case, channels_last, path):
     torch.manual_seed(0)
     model = densenet_cifar(**CASES[case]).double()
     x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
@@ -58,7 +73,7 @@ def test_efficient_block_matches_reference_in_float64(case, channels_last):
 
 @pytest.mark.parametrize("case", ["DenseNet-BC", "DenseNet-BC with dropout"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_efficient_block_matches_reference_in_float32(case, channels_last):
+def test_efficient_block_matches_reference_in_float32(case, channels_last, path):
     torch.manual_seed(0)
     model = densenet_cifar(**CASES[case])
     x = torch.randn(4, 3, 16, 16)
@@ -66,14 +81,14 @@ def test_efficient_block_matches_reference_in_float32(case, channels_last):
                  _step(model, x, "efficient", channels_last=channels_last), 1e-5)
 
 
-def test_imagenet_stem_model_matches_reference():
+def test_imagenet_stem_model_matches_reference(path):
     torch.manual_seed(0)
     model = create_model("densenet121", block_config=(2, 3), num_classes=7).double()
     x = torch.randn(2, 3, 40, 40, dtype=torch.float64)
     _assert_same(_step(model, x, "reference"), _step(model, x, "efficient"), 1e-10)
 
 
-def test_backward_in_eval_mode_uses_running_statistics_like_the_reference():
+def test_backward_in_eval_mode_uses_running_statistics_like_the_reference(path):
     # fine-tuning with frozen BN: normalisation by running stats, no mean corrections
     torch.manual_seed(0)
     model = densenet_cifar(16, growth_rate=4).double()
@@ -111,7 +126,7 @@ def test_momentum_none_cumulative_average_matches():
     _assert_same(_step(model, x, "reference"), _step(model, x, "efficient"), 1e-10)
 
 
-def test_inference_under_no_grad_matches_reference():
+def test_inference_under_no_grad_matches_reference(path):
     torch.manual_seed(0)
     model = densenet_cifar(28, growth_rate=6).eval()
     for m in model.modules():

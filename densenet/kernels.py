@@ -1,0 +1,370 @@
+"""Fused CPU kernels for the memory-efficient dense block, compiled on first use.
+
+The efficient block (``efficient.py``) spends most of a CPU training step outside the matrix
+products, in element-wise passes over the block's feature buffer: BN-ReLU, the ReLU mask, the
+BN gradient sums and the accumulation of input gradients. Done with torch ops each of those is
+one or more full passes over an (N*H*W, C) matrix. The kernels here do each group in one pass:
+
+* ``bn_relu``      z = max(x * scale + shift, 0)
+* ``col_stats``    per-column mean and biased variance (one pass, blockwise, in double)
+* ``bn_relu_grad`` g' = g masked where x * scale + shift <= 0; the column sums of g' and of
+                   (x - mean) * g'; optionally dx += g' * scale and the recomputed BN-ReLU
+                   output - all in one pass
+* ``bn_grad_apply`` out = scale * (g' - a - (x - mean) * b): BN's input gradient from those sums
+* ``col_affine_add`` out = src + x * coef + const (BN's batch-statistics corrections)
+
+They are plain C (float and double) over row-major matrices with a leading dimension, so they
+read column slices of the shared buffer in place, and are parallel over rows with OpenMP - the
+same ``libgomp`` PyTorch itself loaded (the library is linked against ``libgomp.so.1``, which the
+dynamic loader resolves to the copy already in the process), with ``torch.get_num_threads()``
+threads. They are compiled with the system C compiler (``$CC`` or ``cc``) into
+``$DENSENET_CACHE`` (default ``~/.cache/densenet``) the first time they are needed, which takes
+about a second. Without a compiler, or with ``DENSENET_KERNELS=0``, ``available()`` is False and
+the block uses the equivalent torch ops instead (the same results, slower).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from string import Template
+
+import torch
+
+_TEMPLATE = Template(r"""
+void bn_relu_$S(long m, long c, const $T *restrict x, long ldx, const $T *restrict scale,
+                const $T *restrict shift, $T *restrict z, long ldz, int nt) {
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (long i = 0; i < m; i++) {
+        const $T *xi = x + i * ldx;
+        $T *zi = z + i * ldz;
+        for (long j = 0; j < c; j++) {
+            $T v = xi[j] * scale[j] + shift[j];
+            zi[j] = v > 0 ? v : 0;
+        }
+    }
+}
+
+/* Per-column mean and biased variance in one pass over memory: each thread takes blocks of 256
+   rows, gets a block's mean and sum of squared deviations by two passes over the block while it
+   is in cache, and merges blocks by Chan et al.'s pairwise update, all in double. */
+static inline void merge_$S(long c, double *restrict mu, double *restrict m2, double cnt,
+                            const double *restrict bmu, const double *restrict bm2, double r) {
+    double tot = cnt + r;
+    for (long j = 0; j < c; j++) {
+        double d = bmu[j] - mu[j];
+        mu[j] += d * (r / tot);
+        m2[j] += bm2[j] + d * d * (cnt * r / tot);
+    }
+}
+
+void col_stats_$S(long m, long c, const $T *restrict x, long ldx, $T *restrict mean,
+                  $T *restrict var, int nt) {
+    double *part = calloc((size_t)nt * (2 * c + 1), sizeof(double));
+    #pragma omp parallel num_threads(nt)
+    {
+        int t = omp_get_thread_num(), n = omp_get_num_threads();
+        double *mu = part + (long)t * (2 * c + 1), *m2 = mu + c, cnt = 0;
+        double *bmu = malloc(sizeof(double) * 2 * c), *bm2 = bmu + c;
+        long hi = m * (t + 1) / n;
+        for (long i0 = m * t / n; i0 < hi; i0 += 256) {
+            long r = hi - i0 < 256 ? hi - i0 : 256;
+            for (long j = 0; j < 2 * c; j++) bmu[j] = 0;
+            for (long i = i0; i < i0 + r; i++) {
+                const $T *restrict xi = x + i * ldx;
+                for (long j = 0; j < c; j++) bmu[j] += xi[j];
+            }
+            for (long j = 0; j < c; j++) bmu[j] /= r;
+            for (long i = i0; i < i0 + r; i++) {
+                const $T *restrict xi = x + i * ldx;
+                for (long j = 0; j < c; j++) { double d = xi[j] - bmu[j]; bm2[j] += d * d; }
+            }
+            merge_$S(c, mu, m2, cnt, bmu, bm2, (double)r);
+            cnt += r;
+        }
+        m2[c] = cnt;
+        free(bmu);
+    }
+    double *mu = part, *m2 = part + c, cnt = part[2 * c];
+    for (int t = 1; t < nt; t++) {
+        double *p = part + (long)t * (2 * c + 1);
+        if (p[2 * c] > 0) { merge_$S(c, mu, m2, cnt, p, p + c, p[2 * c]); cnt += p[2 * c]; }
+    }
+    for (long j = 0; j < c; j++) { mean[j] = ($T)mu[j]; var[j] = ($T)(m2[j] / m); }
+    free(part);
+}
+
+static inline void grad_rows_$S(long r, long c, const $T *restrict x, long ldx,
+                                const $T *restrict g, long ldg, const $T *restrict scale,
+                                const $T *restrict shift, const $T *restrict mean,
+                                $T *restrict dx, long lddx, $T *restrict z, long ldz,
+                                $T *restrict ag, $T *restrict axg) {
+    for (long i = 0; i < r; i++) {
+        const $T *restrict xi = x + i * ldx, *restrict gi = g + i * ldg;
+        $T *restrict di = dx ? dx + i * lddx : 0, *restrict zi = z ? z + i * ldz : 0;
+        for (long j = 0; j < c; j++) {
+            $T pre = xi[j] * scale[j] + shift[j];
+            $T gm = pre > 0 ? gi[j] : 0;
+            ag[j] += gm;
+            axg[j] += (xi[j] - mean[j]) * gm;
+            if (di) di[j] += gm * scale[j];
+            if (zi) zi[j] = pre > 0 ? pre : 0;
+        }
+    }
+}
+
+void bn_relu_grad_$S(long m, long c, const $T *restrict x, long ldx, const $T *restrict g,
+                     long ldg, const $T *restrict scale, const $T *restrict shift,
+                     const $T *restrict mean, $T *restrict dx, long lddx, $T *restrict z,
+                     long ldz, double *restrict sums, int nt) {
+    /* per thread: $T partial sums over blocks of 64 rows, added into double totals */
+    double *part = calloc((size_t)nt * 2 * c, sizeof(double));
+    #pragma omp parallel num_threads(nt)
+    {
+        int t = omp_get_thread_num(), n = omp_get_num_threads();
+        double *dg = part + (long)t * 2 * c, *dxg = dg + c;
+        $T *ag = malloc(sizeof($T) * 2 * c), *axg = ag + c;
+        long hi = m * (t + 1) / n;
+        for (long i = m * t / n; i < hi; i += 64) {
+            long r = hi - i < 64 ? hi - i : 64;
+            for (long j = 0; j < 2 * c; j++) ag[j] = 0;
+            grad_rows_$S(r, c, x + i * ldx, ldx, g + i * ldg, ldg, scale, shift, mean,
+                         dx ? dx + i * lddx : 0, lddx, z ? z + i * ldz : 0, ldz, ag, axg);
+            for (long j = 0; j < c; j++) { dg[j] += ag[j]; dxg[j] += axg[j]; }
+        }
+        free(ag);
+    }
+    for (long j = 0; j < c; j++) {
+        double s = 0, sx = 0;
+        for (int t = 0; t < nt; t++) { s += part[(long)t * 2 * c + j]; sx += part[(long)t * 2 * c + c + j]; }
+        sums[j] += s;
+        sums[c + j] += sx;
+    }
+    free(part);
+}
+
+void bn_grad_apply_$S(long m, long c, const $T *restrict x, long ldx, const $T *g, long ldg,
+                      const $T *restrict scale, const $T *restrict shift,
+                      const $T *restrict mean, const $T *restrict a, const $T *restrict b,
+                      $T *out, long ldo, int nt) {
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (long i = 0; i < m; i++) {
+        const $T *xi = x + i * ldx, *gi = g + i * ldg;
+        $T *oi = out + i * ldo;
+        for (long j = 0; j < c; j++) {
+            $T gm = xi[j] * scale[j] + shift[j] > 0 ? gi[j] : 0;
+            oi[j] = scale[j] * (gm - a[j] - (xi[j] - mean[j]) * b[j]);
+        }
+    }
+}
+
+void col_affine_add_$S(long m, long c, const $T *restrict x, long ldx, const $T *restrict coef,
+                       const $T *restrict cst, const $T *src, long lds, $T *dst, long ldd, int nt) {
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (long i = 0; i < m; i++) {
+        const $T *xi = x + i * ldx, *si = src + i * lds;
+        $T *di = dst + i * ldd;
+        for (long j = 0; j < c; j++) di[j] = si[j] + xi[j] * coef[j] + cst[j];
+    }
+}
+""")
+
+_HEADER = "#include <stdlib.h>\n#include <omp.h>\n"
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared"]
+_TYPES = {torch.float32: ("float", "f32"), torch.float64: ("double", "f64")}
+
+_lock = threading.Lock()
+_lib = None
+_error: str | None = None
+
+
+def _source() -> str:
+    return _HEADER + "".join(_TEMPLATE.substitute(T=t, S=s) for t, s in _TYPES.values())
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "".join(sorted({line for line in f if line.startswith(("flags", "model name"))}))
+    except OSError:
+        return platform.processor()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("DENSENET_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "densenet")
+    path = Path(root)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if os.access(path, os.W_OK):
+            return path
+    except OSError:
+        pass
+    path = Path(tempfile.gettempdir()) / f"densenet-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _build() -> ctypes.CDLL:
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    src = _source()
+    key = hashlib.sha256("\0".join([src, cc, *_FLAGS, _cpu_id(), torch.__version__]).encode()).hexdigest()[:16]
+    lib_path = _cache_dir() / f"densenet_kernels_{key}.so"
+    if not lib_path.exists():
+        with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
+            c_file = Path(tmp) / "kernels.c"
+            c_file.write_text(src)
+            out = Path(tmp) / lib_path.name
+            proc = subprocess.run([cc, *_FLAGS, str(c_file), "-o", str(out)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-500:]}")
+            os.replace(out, lib_path)  # atomic: a concurrent build or a kill leaves no partial file
+    lib = ctypes.CDLL(str(lib_path))  # after torch: its libgomp.so.1 serves the library too
+    L, I, P = ctypes.c_long, ctypes.c_int, ctypes.c_void_p
+    for _, s in _TYPES.values():
+        getattr(lib, f"bn_relu_{s}").argtypes = [L, L, P, L, P, P, P, L, I]
+        getattr(lib, f"col_stats_{s}").argtypes = [L, L, P, L, P, P, I]
+        getattr(lib, f"bn_relu_grad_{s}").argtypes = [L, L, P, L, P, L, P, P, P, P, L, P, L, P, I]
+        getattr(lib, f"bn_grad_apply_{s}").argtypes = [L, L, P, L, P, L, P, P, P, P, P, P, L, I]
+        getattr(lib, f"col_affine_add_{s}").argtypes = [L, L, P, L, P, P, P, L, P, L, I]
+    return lib
+
+
+def _library():
+    global _lib, _error
+    if _lib is None and _error is None:
+        with _lock:
+            if _lib is None and _error is None:
+                try:
+                    _lib = _build()
+                except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                    _error = str(exc)
+    return _lib
+
+
+def available(t: torch.Tensor | None = None) -> bool:
+    """True when the kernels can run (on ``t``: a CPU float32/float64 tensor)."""
+    if os.environ.get("DENSENET_KERNELS", "1") == "0":
+        return False
+    if t is not None and (t.device.type != "cpu" or t.dtype not in _TYPES):
+        return False
+    return _library() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why ``available()`` is False (the compiler's error), or None."""
+    if os.environ.get("DENSENET_KERNELS", "1") == "0":
+        return "disabled by DENSENET_KERNELS=0"
+    _library()
+    return _error
+
+
+# ----------------------------------------------------------------------------- wrappers
+# Matrices are 2-D tensors with unit column stride (column slices of a row-major buffer);
+# per-column vectors are contiguous 1-D tensors of the same dtype.
+
+def _ld(t: torch.Tensor) -> int:
+    if t.dim() != 2 or (t.stride(1) != 1 and t.shape[1] > 1):
+        raise ValueError(f"kernel matrices need unit column stride, got strides {t.stride()}")
+    return t.stride(0)
+
+
+def _vec(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.detach().to(like.dtype).contiguous()
+
+
+def _fn(name: str, t: torch.Tensor):
+    return getattr(_library(), f"{name}_{_TYPES[t.dtype][1]}")
+
+
+def bn_relu(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = relu(x * scale + shift), column-wise scale and shift."""
+    m, c = x.shape
+    scale, shift = _vec(scale, x), _vec(shift, x)
+    _fn("bn_relu", x)(m, c, x.data_ptr(), _ld(x), scale.data_ptr(), shift.data_ptr(),
+                      out.data_ptr(), _ld(out), torch.get_num_threads())
+    return out
+
+
+def col_stats(x: torch.Tensor):
+    """Per-column (mean, biased variance), two-pass with double accumulation."""
+    m, c = x.shape
+    mean, var = x.new_empty(c), x.new_empty(c)
+    _fn("col_stats", x)(m, c, x.data_ptr(), _ld(x), mean.data_ptr(), var.data_ptr(), torch.get_num_threads())
+    return mean, var
+
+
+def bn_relu_grad(x, g, scale, shift, mean, dx=None, sums=None, z=None):
+    """For g, the gradient at relu(x * scale + shift): g' = g where x * scale + shift > 0, else 0.
+    Adds the column sums of g' and of (x - mean) * g' to ``sums`` (a float64 (2, C) tensor,
+    zeros if not given) and returns it; with ``dx``, also does dx += g' * scale (the BN input
+    gradient without its batch-statistics corrections); with ``z``, also writes
+    relu(x * scale + shift) there."""
+    m, c = x.shape
+    scale, shift, mean = _vec(scale, x), _vec(shift, x), _vec(mean, x)
+    if sums is None:
+        sums = torch.zeros(2, c, dtype=torch.float64)
+    _fn("bn_relu_grad", x)(m, c, x.data_ptr(), _ld(x), g.data_ptr(), _ld(g), scale.data_ptr(),
+                           shift.data_ptr(), mean.data_ptr(), dx.data_ptr() if dx is not None else None,
+                           _ld(dx) if dx is not None else 0, z.data_ptr() if z is not None else None,
+                           _ld(z) if z is not None else 0, sums.data_ptr(), torch.get_num_threads())
+    return sums
+
+
+def bn_grad_apply(x, g, scale, shift, mean, a, b, out):
+    """out = scale * (g' - a - (x - mean) * b), g' as in ``bn_relu_grad``; ``out`` may be ``g``."""
+    m, c = x.shape
+    args = [_vec(v, x) for v in (scale, shift, mean, a, b)]
+    _fn("bn_grad_apply", x)(m, c, x.data_ptr(), _ld(x), g.data_ptr(), _ld(g),
+                            *[v.data_ptr() for v in args], out.data_ptr(), _ld(out), torch.get_num_threads())
+    return out
+
+
+def col_affine_add(x, coef, const, src, out):
+    """out = src + x * coef + const, column-wise coef and const; ``out`` may be ``src``."""
+    m, c = x.shape
+    coef, const = _vec(coef, x), _vec(const, x)
+    _fn("col_affine_add", x)(m, c, x.data_ptr(), _ld(x), coef.data_ptr(), const.data_ptr(),
+                             src.data_ptr(), _ld(src), out.data_ptr(), _ld(out), torch.get_num_threads())
+    return out
+
+
+# ----------------------------------------------------------------------------- huge pages
+
+_HUGE = 2 << 20
+_MADV_HUGEPAGE = 14
+_libc = None
+
+
+def huge_empty(shape, like: torch.Tensor) -> torch.Tensor:
+    """``like.new_empty(shape)``, and on Linux CPU, for a large buffer, backed by transparent huge
+    pages (madvise MADV_HUGEPAGE before first touch). A fresh 56 MB buffer otherwise costs 14,000
+    page faults when first written, each a trip through the kernel (and on a VM, the hypervisor);
+    with 2 MB pages it is 28. The allocation itself stays torch's, so its accounting, lifetime
+    and memory are unchanged."""
+    global _libc
+    t = like.new_empty(shape)
+    nbytes = t.numel() * t.element_size()
+    if (t.device.type != "cpu" or nbytes < 4 * _HUGE or platform.system() != "Linux"
+            or os.environ.get("DENSENET_HUGEPAGES", "1") == "0"):
+        return t
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        start = (t.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
+        end = (t.data_ptr() + nbytes) & ~(_HUGE - 1)
+        if end > start:
+            _libc.madvise(start, end - start, _MADV_HUGEPAGE)  # advice only: failure is harmless
+    return t
