@@ -104,18 +104,22 @@ def measure(model_name: str, variant: str, mode: str, batch: int, size: int, lay
             with torch.no_grad():
                 model(x)
 
-    times = []
+    times, faults = [], 0
     for i in range(warmup + steps):
         sync()
+        if i == warmup:
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t = time.perf_counter()
         step()
         sync()
         if i >= warmup:
             times.append(time.perf_counter() - t)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result = dict(model=model_name, variant=variant, mode=mode, batch=batch, size=size,
                   layout=layout, times=[round(t, 4) for t in times],
-                  images_per_s=batch / statistics.median(times))
+                  images_per_s=batch / statistics.median(times),
+                  page_faults_per_step=faults / max(steps, 1))
     if memory and mode == "train":
         if device.startswith("cuda"):
             base = torch.cuda.memory_allocated()
@@ -171,6 +175,7 @@ def compare(model_name: str, train_batch: int, infer_batch: int, size: int, step
             images_per_s=statistics.median(r["images_per_s"] for r in rs),
             peak_mib=statistics.median(r["peak_mib"] for r in rs) if "peak_mib" in rs[0] else None,
             rss_peak_mib=statistics.median(r["rss_peak_mib"] for r in rs),
+            page_faults_per_step=statistics.median(r["page_faults_per_step"] for r in rs),
             runs=[r["images_per_s"] for r in rs])
     s = summary
     tv_best_train = max(s["train:tv"]["images_per_s"], s["train:tv-cl"]["images_per_s"])
@@ -283,13 +288,17 @@ def format_report(report) -> str:
     for res in report["results"]:
         lines.append(f"\n{res['model']}: training batch {res['train_batch']}, inference batch "
                      f"{res['infer_batch']}, {res['size']}x{res['size']}")
-        lines.append("| variant | train img/s | peak train MiB (allocator) | RSS peak MiB | infer img/s |")
-        lines.append("|---|---|---|---|---|")
+        lines.append("| variant | train img/s (runs) | peak train MiB (allocator) | RSS peak MiB | "
+                     "page faults per train step | infer img/s (runs) |")
+        lines.append("|---|---|---|---|---|---|")
         s = res["summary"]
+
+        def runs(r):
+            return f"{r['images_per_s']:.2f} ({', '.join(f'{v:.2f}' for v in r['runs'])})"
         for label in ("ours", "tv", "tv-cl", "tv-me"):
             tr, inf = s.get(f"train:{label}"), s.get(f"infer:{label}")
-            lines.append(f"| {label} | {tr['images_per_s']:.2f} | {tr['peak_mib']:.0f} | {tr['rss_peak_mib']:.0f} | "
-                         + (f"{inf['images_per_s']:.2f} |" if inf else "- |"))
+            lines.append(f"| {label} | {runs(tr)} | {tr['peak_mib']:.0f} | {tr['rss_peak_mib']:.0f} | "
+                         f"{tr['page_faults_per_step']:,.0f} | " + (f"{runs(inf)} |" if inf else "- |"))
         lines.append("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in res["ratios"].items()))
     if "memory_vs_depth" in report:
         m = report["memory_vs_depth"]
@@ -310,8 +319,9 @@ def register(subparsers) -> None:
     p.add_argument("--model", help="one model (default: densenet_bc100_k12 and densenet121)")
     p.add_argument("--batch-size", type=int, help="training batch (default 64 CIFAR, 16 ImageNet)")
     p.add_argument("--infer-batch-size", type=int, help="inference batch (default 256 CIFAR, 16 ImageNet)")
-    p.add_argument("--steps", type=int, default=4, help="timed steps per run (default 4)")
-    p.add_argument("--warmup", type=int, default=2, help="warm-up steps per run (default 2)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per run (default 5)")
+    p.add_argument("--warmup", type=int, default=3, help="warm-up steps per run (default 3: a fresh "
+                   "process's first steps are slow with page faults, for every variant)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved runs per variant (default 2)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--depths", default=",".join(map(str, DEPTHS)),

@@ -181,20 +181,26 @@ def _chunk_rows(t: torch.Tensor, m: int) -> int:
     return min(m, 4096) if t.device.type == "cpu" else m
 
 
-def _bn_grad_apply(x, g, scale, shift, mean, a, b, tmp):
-    """In place, g = scale * (g' - a - (x - mean) * b): a BN input gradient from its sums
-    (``g`` as left by ``_bn_relu_grad``)."""
+def _bn_grad_apply(x, g, scale, shift, mean, a, b, tmp, out=None):
+    """out (default: g, in place) = scale * (g' - a - (x - mean) * b): a BN input gradient from
+    its sums (``g`` as left by ``_bn_relu_grad``)."""
     if _fused(x):
-        return kernels.bn_grad_apply(x, g, scale, shift, mean, a, b, g)
+        return kernels.bn_grad_apply(x, g, scale, shift, mean, a, b, g if out is None else out)
+    if out is not None:
+        g = out.copy_(g)
     torch.sub(x, mean, out=tmp).mul_(b).add_(a)
     return g.sub_(tmp).mul_(scale)
 
 
-def _norm2_forward(bn: nn.BatchNorm2d, y1: torch.Tensor, n: int, h: int, w: int):
+def _norm2_forward(bn: nn.BatchNorm2d, y1: torch.Tensor, n: int, h: int, w: int, state=None):
     """(scale, shift, mean, inverse std) of BN2 on the bottleneck output ``y1`` (rows), with
-    nn.BatchNorm2d's buffer updates when it uses batch statistics."""
+    nn.BatchNorm2d's buffer updates when it uses batch statistics (already gathered in
+    ``state`` when given: see kernels.col_stats)."""
     if _uses_batch_stats(bn):
-        mean, var = _col_stats(y1, bn.eps, n, h, w)
+        if state is not None:
+            mean, var = kernels.stats_from_state(state, y1.dtype)
+        else:
+            mean, var = _col_stats(y1, bn.eps, n, h, w)
         _update_running_stats(bn, mean, var, y1.shape[0])
         rstd = torch.rsqrt(var + bn.eps)
     else:
@@ -266,15 +272,21 @@ def _forward(block, layers, x: torch.Tensor, save: bool):
         if bottleneck:
             y1 = y1_store[i if save else 0]
             w1t = layer.conv1.weight.view(inner, c_in).t()
+            drop1 = layer.drop_rate > 0 and layer.training
+            # BN2's batch statistics gathered chunk by chunk while each y1 chunk is in cache
+            state = (kernels.stats_state(inner) if _fused(y1) and not drop1
+                     and _uses_batch_stats(layer.norm2) else None)
             for lo in range(0, m, rows):
                 hi = min(lo + rows, m)
                 z = _bn_relu(X[lo:hi, :c_in], scale1, shift1, scratch[: (hi - lo) * c_in].view(hi - lo, c_in))
                 torch.mm(z, w1t, out=y1[lo:hi])
-            if layer.drop_rate > 0 and layer.training:
+                if state is not None:
+                    kernels.col_stats(y1[lo:hi], state)
+            if drop1:
                 noise = _dropout_noise(layer, (n, inner, h, w), x, fmt)
                 _nchw(y1, n, h, w).mul_(noise)
                 rec["mask1"] = noise != 0
-            scale2, shift2, mean2, rstd2 = _norm2_forward(layer.norm2, y1, n, h, w)
+            scale2, shift2, mean2, rstd2 = _norm2_forward(layer.norm2, y1, n, h, w, state)
             _bn_relu(y1, scale2, shift2, z2)
             new = F.conv2d(_nchw(z2, n, h, w), layer.conv2.weight, padding=layer.conv2.padding)
             rec.update(mean2=mean2, rstd2=rstd2)
@@ -381,16 +393,20 @@ class _DenseBlockFunction(torch.autograd.Function):
                 dy1 = _rows(dz2)  # a view when dz2 is channels-last, else a copy
                 sum_g, sum_xg = _bn_relu_grad(y1, dy1, scale2, shift2, mean2, z2).to(y1.dtype)
                 dg2 = sum_xg * rstd2
-                if ctx.training[i][1]:
-                    _bn_grad_apply(y1, dy1, scale2, shift2, mean2, sum_g / m, dg2 * rstd2 / m, z2)
-                else:
-                    _bn_grad_apply(y1, dy1, scale2, shift2, mean2, torch.zeros_like(sum_g),
-                                   torch.zeros_like(sum_g), z2)
                 layer_grads[3:] = [dg2, sum_g, dw2]
+                if ctx.training[i][1]:
+                    a2, b2 = sum_g / m, dg2 * rstd2 / m
+                else:
+                    a2 = b2 = torch.zeros_like(sum_g)
+                # BN2's input gradient, dy1: with dropout here in full, else chunk by chunk below
+                # just before each chunk's products read it
+                apply2 = (y1, scale2, shift2, mean2, a2, b2)
                 if "mask1" in rec:
+                    _bn_grad_apply(y1, dy1, *apply2[1:], z2)
                     dy1 = _rows(_nchw(dy1, n, h, w) * rec["mask1"] / (1 - layer.drop_rate))
+                    apply2 = None
             else:
-                dy1 = d_new
+                dy1, apply2 = d_new, None
 
             mean1, rstd1 = rec["mean1"], rec["rstd1"]
             scale1 = norm1.weight * rstd1
@@ -402,6 +418,8 @@ class _DenseBlockFunction(torch.autograd.Function):
                 for lo in range(0, m, rows):  # row chunks: the scratch stays in cache
                     hi = min(lo + rows, m)
                     z = scratch[: (hi - lo) * c_in].view(hi - lo, c_in)
+                    if apply2 is not None:
+                        _bn_grad_apply(y1[lo:hi], dy1[lo:hi], *apply2[1:], z2[lo:hi])
                     g = torch.mm(dy1[lo:hi], w1, out=gscratch[: (hi - lo) * c_in].view(hi - lo, c_in))
                     # one pass: ReLU mask, BN sums, dX += g' * scale and z = relu(bn(X)) for dW
                     _bn_relu_grad(X[lo:hi, :c_in], g, scale1, shift1, mean1, None,
@@ -433,16 +451,112 @@ class _DenseBlockFunction(torch.autograd.Function):
         return (None, dx if needs[1] else None, *grads)
 
 
-# ----------------------------------------------------------------------------- transitions
+# ----------------------------------------------------------------------------- outside the blocks
+
+def _plain_bn_ok(norm, x: torch.Tensor) -> bool:
+    """Whether BN ``norm`` on ``x`` can run as our function (else the module runs as it is)."""
+    return not (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+                or x.dim() != 4 or not x.dtype.is_floating_point or x.is_meta
+                or torch.is_autocast_enabled(x.device.type)
+                or type(norm) is not nn.BatchNorm2d or not norm.affine)
+
+
+def features_forward(features: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``relu(features(x))`` of a DenseNet, with each BatchNorm2d that a ReLU follows (the
+    ImageNet stem's norm0/relu0, and norm5 with the final ReLU) run as one BN-ReLU function:
+    its output goes into huge-page memory, and backward reads only the BN input."""
+    mods = list(features.children())
+    i = 0
+    while i < len(mods):
+        mod = mods[i]
+        last = i == len(mods) - 1
+        if (type(mod) is nn.BatchNorm2d and (last or type(mods[i + 1]) is nn.ReLU)
+                and _plain_bn_ok(mod, x)):
+            x = bn_relu_forward(mod, x)
+            if last:
+                return x
+            i += 2
+        else:
+            x = mod(x)
+            i += 1
+    return F.relu(x, inplace=True)
+
+
+def bn_relu_forward(norm: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """relu(norm(x)), with nn.BatchNorm2d's running-statistics update."""
+    if torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad or norm.bias.requires_grad):
+        return _BnReluFunction.apply(norm, x, norm.weight, norm.bias)
+    with torch.no_grad():
+        return _bn_relu_forward(norm, x)[0]
+
+
+def _bn_stats(norm, X, n, h, w):
+    """(mean, inverse std, scale, shift) BN ``norm`` normalises the rows ``X`` with, updating its
+    running statistics once when it uses batch statistics."""
+    if _uses_batch_stats(norm):
+        mean, var = _col_stats(X, norm.eps, n, h, w)
+        _update_running_stats(norm, mean, var, X.shape[0])
+        rstd = torch.rsqrt(var + norm.eps)
+    else:
+        mean, rstd = norm.running_mean, torch.rsqrt(norm.running_var + norm.eps)
+    scale = norm.weight * rstd
+    return mean, rstd, scale, norm.bias - mean * scale
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _bn_relu_forward(norm, x):
+    n, c, h, w = x.shape
+    X = _rows(x)
+    mean, rstd, scale, shift = _bn_stats(norm, X, n, h, w)
+    out = kernels.huge_empty((n * h * w, c), X)
+    _bn_relu(X, scale, shift, out)
+    out = _nchw(out, n, h, w)
+    return (out if _channels_last(x) else out.contiguous()), X, mean, rstd, scale, shift
+
+
+class _BnReluFunction(torch.autograd.Function):
+    """relu(bn(x)) saving only x: backward needs the ReLU mask, which x gives, not the output."""
+
+    @staticmethod
+    def forward(ctx, norm, x, gamma, beta):
+        out, X, mean, rstd, scale, shift = _bn_relu_forward(norm, x)
+        ctx.save_for_backward(X)
+        ctx.stats = (mean, rstd, scale, shift, _uses_batch_stats(norm))
+        ctx.shape, ctx.layout = x.shape, _channels_last(x)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        (X,) = ctx.saved_tensors
+        mean, rstd, scale, shift, batch = ctx.stats
+        n, c, h, w = ctx.shape
+        m = n * h * w
+        dY = _rows(grad_out)
+        if not _fused(X):
+            dY = dY.clone()  # the torch-op path masks its gradient in place
+        tmp = None if _fused(X) else torch.empty_like(X)
+        sum_g, sum_xg = _bn_relu_grad(X, dY, scale, shift, mean, tmp).to(X.dtype)
+        dgamma = sum_xg * rstd
+        if batch:
+            a, b = sum_g / m, dgamma * rstd / m
+        else:
+            a = b = torch.zeros_like(sum_g)
+        dX = _bn_grad_apply(X, dY, scale, shift, mean, a, b, tmp, out=kernels.huge_empty(X.shape, X))
+        dx = _nchw(dX, n, h, w)
+        needs = ctx.needs_input_grad
+        return (None, (dx if ctx.layout else dx.contiguous()) if needs[1] else None,
+                dgamma if needs[2] else None, sum_g if needs[3] else None)
+
 
 def transition_forward(trans, x: torch.Tensor) -> torch.Tensor:
     """Forward of a ``Transition`` (BN-ReLU-Conv1x1 [dropout] AvgPool): the BN-ReLU-Conv1x1
     part in one function that recomputes BN-ReLU in backward, like the block's layers."""
     norm, conv = trans.norm, trans.conv
-    if (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
-            or x.dim() != 4 or not x.dtype.is_floating_point or x.is_meta
-            or torch.is_autocast_enabled(x.device.type)
-            or type(norm) is not nn.BatchNorm2d or not norm.affine or conv.bias is not None
+    if (not _plain_bn_ok(norm, x) or conv.bias is not None
             or conv.groups != 1 or conv.kernel_size != (1, 1) or conv.stride != (1, 1)):
         y = conv(trans.relu(norm(x)))
     elif torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad
@@ -460,14 +574,7 @@ def _bn_relu_conv_forward(norm, x, weight):
     n, c, h, w = x.shape
     m = n * h * w
     X = _rows(x)  # a view of channels-last input
-    if _uses_batch_stats(norm):
-        mean, var = _col_stats(X, norm.eps, n, h, w)
-        _update_running_stats(norm, mean, var, m)
-        rstd = torch.rsqrt(var + norm.eps)
-    else:
-        mean, rstd = norm.running_mean, torch.rsqrt(norm.running_var + norm.eps)
-    scale = norm.weight * rstd
-    shift = norm.bias - mean * scale
+    mean, rstd, scale, shift = _bn_stats(norm, X, n, h, w)
     c_out = weight.shape[0]
     wt = weight.view(c_out, c).t()
     Y = kernels.huge_empty((m, c_out), X)
@@ -477,7 +584,7 @@ def _bn_relu_conv_forward(norm, x, weight):
         hi = min(lo + rows, m)
         torch.mm(_bn_relu(X[lo:hi], scale, shift, scratch[: (hi - lo) * c].view(hi - lo, c)), wt, out=Y[lo:hi])
     out = _nchw(Y, n, h, w)
-    if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
+    if not _channels_last(x):
         out = out.contiguous()  # layout in = layout out, as nn.Conv2d
     return out, X, mean, rstd, scale, shift
 
@@ -491,8 +598,7 @@ class _BnReluConvFunction(torch.autograd.Function):
         out, X, mean, rstd, scale, shift = _bn_relu_conv_forward(norm, x, weight)
         ctx.save_for_backward(X, weight)
         ctx.stats = (mean, rstd, scale, shift, _uses_batch_stats(norm))
-        ctx.shape = x.shape
-        ctx.layout = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        ctx.shape, ctx.layout = x.shape, _channels_last(x)
         return out
 
     @staticmethod

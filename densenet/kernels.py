@@ -65,8 +65,9 @@ static inline void merge_$S(long c, double *restrict mu, double *restrict m2, do
     }
 }
 
-void col_stats_$S(long m, long c, const $T *restrict x, long ldx, $T *restrict mean,
-                  $T *restrict var, int nt) {
+void col_stats_acc_$S(long m, long c, const $T *restrict x, long ldx, double *restrict state,
+                      int nt) {
+    /* state = [count, mean[c], m2[c]] (m2: sum of squared deviations), merged into */
     double *part = calloc((size_t)nt * (2 * c + 1), sizeof(double));
     #pragma omp parallel num_threads(nt)
     {
@@ -92,12 +93,13 @@ void col_stats_$S(long m, long c, const $T *restrict x, long ldx, $T *restrict m
         m2[c] = cnt;
         free(bmu);
     }
-    double *mu = part, *m2 = part + c, cnt = part[2 * c];
-    for (int t = 1; t < nt; t++) {
+    for (int t = 0; t < nt; t++) {
         double *p = part + (long)t * (2 * c + 1);
-        if (p[2 * c] > 0) { merge_$S(c, mu, m2, cnt, p, p + c, p[2 * c]); cnt += p[2 * c]; }
+        if (p[2 * c] > 0) {
+            merge_$S(c, state + 1, state + 1 + c, state[0], p, p + c, p[2 * c]);
+            state[0] += p[2 * c];
+        }
     }
-    for (long j = 0; j < c; j++) { mean[j] = ($T)mu[j]; var[j] = ($T)(m2[j] / m); }
     free(part);
 }
 
@@ -231,7 +233,7 @@ def _build() -> ctypes.CDLL:
     L, I, P = ctypes.c_long, ctypes.c_int, ctypes.c_void_p
     for _, s in _TYPES.values():
         getattr(lib, f"bn_relu_{s}").argtypes = [L, L, P, L, P, P, P, L, I]
-        getattr(lib, f"col_stats_{s}").argtypes = [L, L, P, L, P, P, I]
+        getattr(lib, f"col_stats_acc_{s}").argtypes = [L, L, P, L, P, I]
         getattr(lib, f"bn_relu_grad_{s}").argtypes = [L, L, P, L, P, L, P, P, P, P, L, P, L, P, I]
         getattr(lib, f"bn_grad_apply_{s}").argtypes = [L, L, P, L, P, L, P, P, P, P, P, P, L, I]
         getattr(lib, f"col_affine_add_{s}").argtypes = [L, L, P, L, P, P, P, L, P, L, I]
@@ -294,12 +296,25 @@ def bn_relu(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, out: torc
     return out
 
 
-def col_stats(x: torch.Tensor):
-    """Per-column (mean, biased variance), two-pass with double accumulation."""
+def col_stats(x: torch.Tensor, state: torch.Tensor | None = None):
+    """Per-column (mean, biased variance) of ``x``, in one pass (blocks merged by Chan et al.'s
+    update, in double). With ``state`` (float64, 1 + 2C: count, means, squared-deviation sums,
+    from ``stats_state``), merges ``x`` into it and returns it instead: feed the rows in chunks,
+    then call ``stats_from_state``."""
     m, c = x.shape
-    mean, var = x.new_empty(c), x.new_empty(c)
-    _fn("col_stats", x)(m, c, x.data_ptr(), _ld(x), mean.data_ptr(), var.data_ptr(), torch.get_num_threads())
-    return mean, var
+    acc = stats_state(c) if state is None else state
+    _fn("col_stats_acc", x)(m, c, x.data_ptr(), _ld(x), acc.data_ptr(), torch.get_num_threads())
+    return stats_from_state(acc, x.dtype) if state is None else acc
+
+
+def stats_state(c: int) -> torch.Tensor:
+    return torch.zeros(1 + 2 * c, dtype=torch.float64)
+
+
+def stats_from_state(state: torch.Tensor, dtype):
+    c = (state.numel() - 1) // 2
+    count = max(state[0].item(), 1.0)
+    return state[1:1 + c].to(dtype), (state[1 + c:] / count).to(dtype)
 
 
 def bn_relu_grad(x, g, scale, shift, mean, dx=None, sums=None, z=None):

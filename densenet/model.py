@@ -237,6 +237,9 @@ class DenseNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The final feature map, after the last BN and ReLU (N, num_features, H', W')."""
+        if self.implementation == "efficient":
+            from .efficient import features_forward
+            return features_forward(self.features, x)
         return F.relu(self.features(x), inplace=True)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
