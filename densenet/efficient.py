@@ -145,16 +145,18 @@ def _bn_relu(x: torch.Tensor, scale, shift, out: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(shift, x, scale, out=out).relu_()
 
 
-def _bn_relu_grad(x, g, scale, shift, mean, tmp, dx=None, sums=None, z=None):
+def _bn_relu_grad(x, g, scale, shift, mean, tmp, dx=None, sums=None, z=None, assign=False):
     """Backward through relu(x * scale + shift) for the gradient ``g`` at its output: adds the
     per-channel sums of g' and of (x - mean) * g' (g' = g masked by the ReLU) to ``sums``, a
     float64 (2, C) tensor, and with ``dx`` adds g' * scale to it; with ``z`` it also writes
-    relu(x * scale + shift) there (``tmp`` is then unused). Returns ``sums``. ``g`` may be
-    overwritten with g'; ``tmp`` is scratch shaped like ``x``."""
+    relu(x * scale + shift) there (``tmp`` is then unused); with ``assign``, dx = g' * scale.
+    Returns ``sums``. ``g`` may be overwritten with g'; ``tmp`` is scratch shaped like ``x``."""
     if sums is None:
         sums = torch.zeros(2, x.shape[1], dtype=torch.float64, device=x.device)
     if _fused(x):
-        return kernels.bn_relu_grad(x, g, scale, shift, mean, dx, sums, z)
+        return kernels.bn_relu_grad(x, g, scale, shift, mean, dx, sums, z, assign)
+    if assign and dx is not None:
+        dx.zero_()
     if z is not None:
         _bn_relu(x, scale, shift, z)
         tmp = x.new_empty(x.shape)
@@ -300,7 +302,10 @@ def _forward(block, layers, x: torch.Tensor, save: bool):
         new_rows = _rows(new)  # a view: the convolution's output is channels-last
         if batch_stats:
             mean_all[c_in:c_in + k], var_all[c_in:c_in + k] = _col_stats(new_rows, eps, n, h, w)
-        X[:, c_in:c_in + k].copy_(new_rows)
+        if _fused(X):
+            kernels.copy_cols(new_rows, X[:, c_in:c_in + k])
+        else:
+            X[:, c_in:c_in + k].copy_(new_rows)
         saved.append(rec)
 
     out = buf.permute(0, 3, 1, 2)
@@ -611,7 +616,7 @@ class _BnReluConvFunction(torch.autograd.Function):
         c_out = weight.shape[0]
         w2d = weight.view(c_out, c)
         dY = _rows(grad_out)
-        dX = kernels.huge_empty(X.shape, X).zero_()
+        dX = kernels.huge_empty(X.shape, X)  # written (not added to) by the first pass
         dw = X.new_zeros(c_out, c)
         sums = torch.zeros(2, c, dtype=torch.float64, device=X.device)
         rows = _chunk_rows(X, m)
@@ -621,7 +626,7 @@ class _BnReluConvFunction(torch.autograd.Function):
             hi = min(lo + rows, m)
             z = scratch[: (hi - lo) * c].view(hi - lo, c)
             g = torch.mm(dY[lo:hi], w2d, out=gscratch[: (hi - lo) * c].view(hi - lo, c))
-            _bn_relu_grad(X[lo:hi], g, scale, shift, mean, None, dx=dX[lo:hi], sums=sums, z=z)
+            _bn_relu_grad(X[lo:hi], g, scale, shift, mean, None, dx=dX[lo:hi], sums=sums, z=z, assign=True)
             dw.addmm_(dY[lo:hi].t(), z)
         dbeta, sum_xg = sums.to(X.dtype)
         dgamma = sum_xg * rstd

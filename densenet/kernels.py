@@ -103,11 +103,21 @@ void col_stats_acc_$S(long m, long c, const $T *restrict x, long ldx, double *re
     free(part);
 }
 
+void copy_cols_$S(long m, long c, const $T *restrict src, long lds, $T *restrict dst, long ldd,
+                  int nt) {
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (long i = 0; i < m; i++) {
+        const $T *restrict si = src + i * lds;
+        $T *restrict di = dst + i * ldd;
+        for (long j = 0; j < c; j++) di[j] = si[j];
+    }
+}
+
 static inline void grad_rows_$S(long r, long c, const $T *restrict x, long ldx,
                                 const $T *restrict g, long ldg, const $T *restrict scale,
                                 const $T *restrict shift, const $T *restrict mean,
-                                $T *restrict dx, long lddx, $T *restrict z, long ldz,
-                                $T *restrict ag, $T *restrict axg) {
+                                $T *restrict dx, long lddx, int assign, $T *restrict z,
+                                long ldz, $T *restrict ag, $T *restrict axg) {
     for (long i = 0; i < r; i++) {
         const $T *restrict xi = x + i * ldx, *restrict gi = g + i * ldg;
         $T *restrict di = dx ? dx + i * lddx : 0, *restrict zi = z ? z + i * ldz : 0;
@@ -116,7 +126,7 @@ static inline void grad_rows_$S(long r, long c, const $T *restrict x, long ldx,
             $T gm = pre > 0 ? gi[j] : 0;
             ag[j] += gm;
             axg[j] += (xi[j] - mean[j]) * gm;
-            if (di) di[j] += gm * scale[j];
+            if (di) di[j] = (assign ? 0 : di[j]) + gm * scale[j];
             if (zi) zi[j] = pre > 0 ? pre : 0;
         }
     }
@@ -124,8 +134,8 @@ static inline void grad_rows_$S(long r, long c, const $T *restrict x, long ldx,
 
 void bn_relu_grad_$S(long m, long c, const $T *restrict x, long ldx, const $T *restrict g,
                      long ldg, const $T *restrict scale, const $T *restrict shift,
-                     const $T *restrict mean, $T *restrict dx, long lddx, $T *restrict z,
-                     long ldz, double *restrict sums, int nt) {
+                     const $T *restrict mean, $T *restrict dx, long lddx, int assign,
+                     $T *restrict z, long ldz, double *restrict sums, int nt) {
     /* per thread: $T partial sums over blocks of 64 rows, added into double totals */
     double *part = calloc((size_t)nt * 2 * c, sizeof(double));
     #pragma omp parallel num_threads(nt)
@@ -138,7 +148,7 @@ void bn_relu_grad_$S(long m, long c, const $T *restrict x, long ldx, const $T *r
             long r = hi - i < 64 ? hi - i : 64;
             for (long j = 0; j < 2 * c; j++) ag[j] = 0;
             grad_rows_$S(r, c, x + i * ldx, ldx, g + i * ldg, ldg, scale, shift, mean,
-                         dx ? dx + i * lddx : 0, lddx, z ? z + i * ldz : 0, ldz, ag, axg);
+                         dx ? dx + i * lddx : 0, lddx, assign, z ? z + i * ldz : 0, ldz, ag, axg);
             for (long j = 0; j < c; j++) { dg[j] += ag[j]; dxg[j] += axg[j]; }
         }
         free(ag);
@@ -234,7 +244,8 @@ def _build() -> ctypes.CDLL:
     for _, s in _TYPES.values():
         getattr(lib, f"bn_relu_{s}").argtypes = [L, L, P, L, P, P, P, L, I]
         getattr(lib, f"col_stats_acc_{s}").argtypes = [L, L, P, L, P, I]
-        getattr(lib, f"bn_relu_grad_{s}").argtypes = [L, L, P, L, P, L, P, P, P, P, L, P, L, P, I]
+        getattr(lib, f"copy_cols_{s}").argtypes = [L, L, P, L, P, L, I]
+        getattr(lib, f"bn_relu_grad_{s}").argtypes = [L, L, P, L, P, L, P, P, P, P, L, I, P, L, P, I]
         getattr(lib, f"bn_grad_apply_{s}").argtypes = [L, L, P, L, P, L, P, P, P, P, P, P, L, I]
         getattr(lib, f"col_affine_add_{s}").argtypes = [L, L, P, L, P, P, P, L, P, L, I]
     return lib
@@ -307,6 +318,13 @@ def col_stats(x: torch.Tensor, state: torch.Tensor | None = None):
     return stats_from_state(acc, x.dtype) if state is None else acc
 
 
+def copy_cols(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """dst = src for two matrices of one shape (a column slice of a buffer, say)."""
+    m, c = src.shape
+    _fn("copy_cols", src)(m, c, src.data_ptr(), _ld(src), dst.data_ptr(), _ld(dst), torch.get_num_threads())
+    return dst
+
+
 def stats_state(c: int) -> torch.Tensor:
     return torch.zeros(1 + 2 * c, dtype=torch.float64)
 
@@ -317,19 +335,19 @@ def stats_from_state(state: torch.Tensor, dtype):
     return state[1:1 + c].to(dtype), (state[1 + c:] / count).to(dtype)
 
 
-def bn_relu_grad(x, g, scale, shift, mean, dx=None, sums=None, z=None):
+def bn_relu_grad(x, g, scale, shift, mean, dx=None, sums=None, z=None, assign=False):
     """For g, the gradient at relu(x * scale + shift): g' = g where x * scale + shift > 0, else 0.
     Adds the column sums of g' and of (x - mean) * g' to ``sums`` (a float64 (2, C) tensor,
     zeros if not given) and returns it; with ``dx``, also does dx += g' * scale (the BN input
-    gradient without its batch-statistics corrections); with ``z``, also writes
-    relu(x * scale + shift) there."""
+    gradient without its batch-statistics corrections; dx = g' * scale with ``assign``); with
+    ``z``, also writes relu(x * scale + shift) there."""
     m, c = x.shape
     scale, shift, mean = _vec(scale, x), _vec(shift, x), _vec(mean, x)
     if sums is None:
         sums = torch.zeros(2, c, dtype=torch.float64)
     _fn("bn_relu_grad", x)(m, c, x.data_ptr(), _ld(x), g.data_ptr(), _ld(g), scale.data_ptr(),
                            shift.data_ptr(), mean.data_ptr(), dx.data_ptr() if dx is not None else None,
-                           _ld(dx) if dx is not None else 0, z.data_ptr() if z is not None else None,
+                           _ld(dx) if dx is not None else 0, int(assign), z.data_ptr() if z is not None else None,
                            _ld(z) if z is not None else 0, sums.data_ptr(), torch.get_num_threads())
     return sums
 

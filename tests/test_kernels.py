@@ -58,6 +58,8 @@ def test_bn_relu_and_its_gradient_match_torch(dtype, m, c, ld):
     _close(dx_buf[:, 1:c + 1], dx_before[:, 1:c + 1] + gm * scale, dtype)
     assert torch.equal(dx_buf[:, 0], dx_before[:, 0]) and torch.equal(dx_buf[:, c + 1:], dx_before[:, c + 1:])
     _close(z2, pre.relu(), dtype)
+    kernels.bn_relu_grad(x, g, scale, shift, mean, dx=dx_buf[:, 1:c + 1], assign=True)  # dx = g' * scale
+    _close(dx_buf[:, 1:c + 1], gm * scale, dtype)
 
     a, b = torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype)
     out = g.clone()
@@ -91,6 +93,14 @@ def test_column_affine_add_in_place_and_into_another_buffer(dtype):
     _close(out, want, dtype)
     kernels.col_affine_add(x, coef, const, src, src)
     _close(src, want, dtype)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_copy_cols_into_a_column_slice(dtype):
+    src, buf = torch.randn(301, 12, dtype=dtype), torch.zeros(301, 40, dtype=dtype)
+    kernels.copy_cols(src, buf[:, 24:36])
+    assert torch.equal(buf[:, 24:36], src) and not buf[:, :24].any() and not buf[:, 36:].any()
 
 
 def test_kernel_matrices_must_have_unit_column_stride():
