@@ -194,23 +194,6 @@ def _bn_grad_apply(x, g, scale, shift, mean, a, b, tmp, out=None):
     return g.sub_(tmp).mul_(scale)
 
 
-def _norm2_forward(bn: nn.BatchNorm2d, y1: torch.Tensor, n: int, h: int, w: int, state=None):
-    """(scale, shift, mean, inverse std) of BN2 on the bottleneck output ``y1`` (rows), with
-    nn.BatchNorm2d's buffer updates when it uses batch statistics (already gathered in
-    ``state`` when given: see kernels.col_stats)."""
-    if _uses_batch_stats(bn):
-        if state is not None:
-            mean, var = kernels.stats_from_state(state, y1.dtype)
-        else:
-            mean, var = _col_stats(y1, bn.eps, n, h, w)
-        _update_running_stats(bn, mean, var, y1.shape[0])
-        rstd = torch.rsqrt(var + bn.eps)
-    else:
-        mean, rstd = bn.running_mean, torch.rsqrt(bn.running_var + bn.eps)
-    scale = bn.weight * rstd
-    return scale, bn.bias - mean * scale, mean, rstd
-
-
 def _nchw(t2d: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
     """An (N*H*W, C) matrix seen as an (N, C, H, W) channels-last tensor (no copy)."""
     return t2d.view(n, h, w, t2d.shape[1]).permute(0, 3, 1, 2)
@@ -288,7 +271,7 @@ def _forward(block, layers, x: torch.Tensor, save: bool):
                 noise = _dropout_noise(layer, (n, inner, h, w), x, fmt)
                 _nchw(y1, n, h, w).mul_(noise)
                 rec["mask1"] = noise != 0
-            scale2, shift2, mean2, rstd2 = _norm2_forward(layer.norm2, y1, n, h, w, state)
+            mean2, rstd2, scale2, shift2 = _bn_stats(layer.norm2, y1, n, h, w, state)
             _bn_relu(y1, scale2, shift2, z2)
             new = F.conv2d(_nchw(z2, n, h, w), layer.conv2.weight, padding=layer.conv2.padding)
             rec.update(mean2=mean2, rstd2=rstd2)
@@ -495,11 +478,15 @@ def bn_relu_forward(norm: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
         return _bn_relu_forward(norm, x)[0]
 
 
-def _bn_stats(norm, X, n, h, w):
+def _bn_stats(norm, X, n, h, w, state=None):
     """(mean, inverse std, scale, shift) BN ``norm`` normalises the rows ``X`` with, updating its
-    running statistics once when it uses batch statistics."""
+    running statistics once when it uses batch statistics (already gathered in ``state`` when
+    given: see kernels.col_stats)."""
     if _uses_batch_stats(norm):
-        mean, var = _col_stats(X, norm.eps, n, h, w)
+        if state is not None:
+            mean, var = kernels.stats_from_state(state, X.dtype)
+        else:
+            mean, var = _col_stats(X, norm.eps, n, h, w)
         _update_running_stats(norm, mean, var, X.shape[0])
         rstd = torch.rsqrt(var + norm.eps)
     else:
@@ -522,15 +509,21 @@ def _bn_relu_forward(norm, x):
     return (out if _channels_last(x) else out.contiguous()), X, mean, rstd, scale, shift
 
 
+def _remember(ctx, norm, x, stats) -> None:
+    """What the BN-ReLU functions' backward needs besides their input: (mean, inverse std, scale,
+    shift, whether batch statistics were used), the input's shape and layout."""
+    ctx.stats = (*stats, _uses_batch_stats(norm))
+    ctx.shape, ctx.layout = x.shape, _channels_last(x)
+
+
 class _BnReluFunction(torch.autograd.Function):
     """relu(bn(x)) saving only x: backward needs the ReLU mask, which x gives, not the output."""
 
     @staticmethod
     def forward(ctx, norm, x, gamma, beta):
-        out, X, mean, rstd, scale, shift = _bn_relu_forward(norm, x)
+        out, X, *stats = _bn_relu_forward(norm, x)
         ctx.save_for_backward(X)
-        ctx.stats = (mean, rstd, scale, shift, _uses_batch_stats(norm))
-        ctx.shape, ctx.layout = x.shape, _channels_last(x)
+        _remember(ctx, norm, x, stats)
         return out
 
     @staticmethod
@@ -600,10 +593,9 @@ class _BnReluConvFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, norm, x, gamma, beta, weight):
-        out, X, mean, rstd, scale, shift = _bn_relu_conv_forward(norm, x, weight)
+        out, X, *stats = _bn_relu_conv_forward(norm, x, weight)
         ctx.save_for_backward(X, weight)
-        ctx.stats = (mean, rstd, scale, shift, _uses_batch_stats(norm))
-        ctx.shape, ctx.layout = x.shape, _channels_last(x)
+        _remember(ctx, norm, x, stats)
         return out
 
     @staticmethod
