@@ -81,11 +81,14 @@ def test_efficient_block_matches_reference_in_float32(case, channels_last, path)
                  _step(model, x, "efficient", channels_last=channels_last), 1e-5)
 
 
-def test_imagenet_stem_model_matches_reference(path):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_imagenet_stem_model_matches_reference(channels_last, path):
+    # the stem's norm0+relu0 and the final norm5+ReLU run as one BN-ReLU function each
     torch.manual_seed(0)
     model = create_model("densenet121", block_config=(2, 3), num_classes=7).double()
     x = torch.randn(2, 3, 40, 40, dtype=torch.float64)
-    _assert_same(_step(model, x, "reference"), _step(model, x, "efficient"), 1e-10)
+    _assert_same(_step(model, x, "reference", channels_last=channels_last),
+                 _step(model, x, "efficient", channels_last=channels_last), 1e-10)
 
 
 def test_backward_in_eval_mode_uses_running_statistics_like_the_reference(path):
@@ -194,3 +197,13 @@ def test_ddp_single_process_trains_without_errors(tmp_path):
             model(torch.randn(2, 3, 8, 8)).sum().backward()
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_batch_of_one_and_odd_map_sizes_match_reference(channels_last, path):
+    # a batch of one makes NCHW and channels-last strides ambiguous; 9x7 maps make ragged rows
+    torch.manual_seed(0)
+    model = densenet_cifar(16, growth_rate=4).double()
+    x = torch.randn(1, 3, 9, 7, dtype=torch.float64)
+    _assert_same(_step(model, x, "reference", channels_last=channels_last),
+                 _step(model, x, "efficient", channels_last=channels_last), 1e-10)
