@@ -46,12 +46,18 @@ import torch.nn.functional as F
 from . import kernels
 
 
-def _supported(block, x: torch.Tensor) -> bool:
+def _eager_ok(x: torch.Tensor) -> bool:
+    """Our autograd functions run on ``x``: eager mode (no scripting, tracing, compiling), a
+    dense 4-D floating-point tensor with data, no autocast (else the plain modules run)."""
     if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
     if x.dim() != 4 or x.is_sparse or x.is_meta or not x.dtype.is_floating_point:
         return False
-    if torch.is_autocast_enabled(x.device.type):
+    return not torch.is_autocast_enabled(x.device.type)
+
+
+def _supported(block, x: torch.Tensor) -> bool:
+    if not _eager_ok(x):
         return False
     if len({layer.norm1.eps for layer in block.values()}) != 1:
         return False  # the shared per-channel statistics assume one eps per block
@@ -221,8 +227,7 @@ def _forward(block, layers, x: torch.Tensor, save: bool):
     c_total = c0 + num * k
     m = n * h * w
     # Dropout noise is drawn in the layout the reference path's convolutions produce.
-    fmt = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
-           and not x.is_contiguous() else torch.contiguous_format)
+    fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
     buf = kernels.huge_empty((n, h, w, c_total), x)
     buf[..., :c0].copy_(x.permute(0, 2, 3, 1))
     X = buf.view(m, c_total)
@@ -388,9 +393,9 @@ class _DenseBlockFunction(torch.autograd.Function):
                     a2 = b2 = torch.zeros_like(sum_g)
                 # BN2's input gradient, dy1: with dropout here in full, else chunk by chunk below
                 # just before each chunk's products read it
-                apply2 = (y1, scale2, shift2, mean2, a2, b2)
+                apply2 = (scale2, shift2, mean2, a2, b2)
                 if "mask1" in rec:
-                    _bn_grad_apply(y1, dy1, *apply2[1:], z2)
+                    _bn_grad_apply(y1, dy1, *apply2, z2)
                     dy1 = _rows(_nchw(dy1, n, h, w) * rec["mask1"] / (1 - layer.drop_rate))
                     apply2 = None
             else:
@@ -407,7 +412,7 @@ class _DenseBlockFunction(torch.autograd.Function):
                     hi = min(lo + rows, m)
                     z = scratch[: (hi - lo) * c_in].view(hi - lo, c_in)
                     if apply2 is not None:
-                        _bn_grad_apply(y1[lo:hi], dy1[lo:hi], *apply2[1:], z2[lo:hi])
+                        _bn_grad_apply(y1[lo:hi], dy1[lo:hi], *apply2, z2[lo:hi])
                     g = torch.mm(dy1[lo:hi], w1, out=gscratch[: (hi - lo) * c_in].view(hi - lo, c_in))
                     # one pass: ReLU mask, BN sums, dX += g' * scale and z = relu(bn(X)) for dW
                     _bn_relu_grad(X[lo:hi, :c_in], g, scale1, shift1, mean1, None,
@@ -443,10 +448,7 @@ class _DenseBlockFunction(torch.autograd.Function):
 
 def _plain_bn_ok(norm, x: torch.Tensor) -> bool:
     """Whether BN ``norm`` on ``x`` can run as our function (else the module runs as it is)."""
-    return not (torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
-                or x.dim() != 4 or not x.dtype.is_floating_point or x.is_meta
-                or torch.is_autocast_enabled(x.device.type)
-                or type(norm) is not nn.BatchNorm2d or not norm.affine)
+    return _eager_ok(x) and type(norm) is nn.BatchNorm2d and norm.affine
 
 
 def features_forward(features: nn.Sequential, x: torch.Tensor) -> torch.Tensor:

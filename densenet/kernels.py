@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from string import Template
 
@@ -235,7 +236,8 @@ def _build() -> ctypes.CDLL:
             c_file = Path(tmp) / "kernels.c"
             c_file.write_text(src)
             out = Path(tmp) / lib_path.name
-            proc = subprocess.run([cc, *_FLAGS, str(c_file), "-o", str(out)], capture_output=True, text=True)
+            proc = subprocess.run([cc, *_FLAGS, str(c_file), "-o", str(out)], capture_output=True,
+                                  text=True, timeout=300)
             if proc.returncode != 0:
                 raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-500:]}")
             os.replace(out, lib_path)  # atomic: a concurrent build or a kill leaves no partial file
@@ -260,6 +262,10 @@ def _library():
                     _lib = _build()
                 except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                     _error = str(exc)
+                    warnings.warn(f"densenet: the fused CPU kernels are unavailable ({_error}); the "
+                                  "efficient path uses torch ops instead (same results, slower). "
+                                  "Install a C compiler (gcc) or set CC to use them.",
+                                  RuntimeWarning, stacklevel=3)
     return _lib
 
 
