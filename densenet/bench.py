@@ -8,7 +8,9 @@ timed steps), inference images/s (eval, no_grad) and peak training memory.
 Peak memory is torch's own CPU-allocator accounting: the highest live-bytes total reached during
 one training step (forward, backward, optimizer step), from the allocation events of
 ``torch.profiler`` with ``profile_memory=True``; parameters and data already alive before the
-step are not counted. The process RSS peak (``ru_maxrss``, which includes the allocator's
+step are not counted. Our efficient path keeps its large buffers in a pool between steps
+(``kernels.huge_empty``); the pool is emptied before that step, so every buffer it keeps counts
+from its allocation in the step on, idle or in use. The process RSS peak (``ru_maxrss``, which includes the allocator's
 overhead) is printed beside it. On CUDA it is ``torch.cuda.max_memory_allocated`` minus the
 memory allocated before the step.
 """
@@ -128,6 +130,10 @@ def measure(model_name: str, variant: str, mode: str, batch: int, size: int, lay
             sync()
             result["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
         else:
+            # our buffer pool (kernels.huge_empty) emptied first, so the buffers it keeps count
+            # from their allocation in this step on, as live memory, idle or not
+            from . import kernels
+            kernels.release_buffers()
             result["peak_mib"] = _peak_step_bytes(step) / 2**20
     result["rss_peak_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     del rss_before

@@ -140,3 +140,67 @@ def test_without_a_compiler_the_model_falls_back_to_torch_ops_and_still_trains(t
     assert available == "False" and "no C compiler" in reason and trained == "True"
     assert "fused CPU kernels are unavailable (no C compiler found" in proc.stderr  # said once, not silent
     assert proc.stderr.count("RuntimeWarning") == 1
+
+
+# ------------------------------------------------------------------------------ the buffer pool
+
+_BIG = (1024, 1024, 4)  # 16 MiB of float32: large enough for the pool
+
+
+def test_pool_hands_an_idle_buffer_out_again_and_never_one_in_use():
+    kernels.release_buffers()
+    like = torch.zeros(1)
+    a = kernels.huge_empty(_BIG, like)
+    ptr = a.data_ptr()
+    view = a[3:5]  # a view keeps the storage in use
+    del a
+    b = kernels.huge_empty((4096, 1024), like)  # same bytes, other shape
+    assert b.data_ptr() != ptr
+    del view
+    c = kernels.huge_empty((4096, 1024), like)
+    assert c.data_ptr() == ptr and c.shape == (4096, 1024) and c.is_contiguous()
+    assert kernels.huge_empty((1024, 1024, 2), like).data_ptr() not in (ptr, b.data_ptr())  # exact sizes only
+    del b, c
+    assert kernels.pooled_bytes() == 16 * 2**20 * 2 + 8 * 2**20
+    assert kernels.release_buffers() == 16 * 2**20 * 2 + 8 * 2**20
+    assert kernels.pooled_bytes() == 0
+
+
+def test_pool_frees_idle_buffers_no_longer_asked_for():
+    kernels.release_buffers()
+    like = torch.zeros(1)
+    kernels.huge_empty(_BIG, like)  # idle at once
+    for _ in range(kernels._BufferPool._KEEP + 1):
+        t = kernels.huge_empty((1024, 1024, 3), like)
+        del t
+    assert kernels.pooled_bytes() == 12 * 2**20  # only the size still in use
+    kernels.release_buffers()
+
+
+def test_pool_leaves_small_and_non_cpu_requests_alone_and_can_be_turned_off(monkeypatch):
+    kernels.release_buffers()
+    kernels.huge_empty((100, 100), torch.zeros(1))
+    assert kernels.pooled_bytes() == 0
+    monkeypatch.setenv("DENSENET_POOL", "0")
+    a = kernels.huge_empty(_BIG, torch.zeros(1))
+    assert kernels.pooled_bytes() == 0 and a.shape == _BIG
+
+
+def test_training_steps_reuse_the_pooled_buffers_with_unchanged_results():
+    from densenet import densenet_cifar
+    kernels.release_buffers()
+    torch.manual_seed(0)
+    model = densenet_cifar(40, growth_rate=12, bottleneck=True, compression=0.5).to(memory_format=torch.channels_last)
+    x = torch.randn(48, 3, 32, 32).to(memory_format=torch.channels_last)
+    grads = []
+    for _ in range(3):
+        model.zero_grad()
+        model(x).square().mean().backward()
+        grads.append(model.features.conv0.weight.grad.clone())
+    held = kernels.pooled_bytes()
+    assert held > 0
+    model.zero_grad()
+    model(x).square().mean().backward()
+    assert kernels.pooled_bytes() == held  # the second and later steps allocate nothing new
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[1], grads[2])  # fresh vs reused memory
+    kernels.release_buffers()
