@@ -297,6 +297,8 @@ def _ld(t: torch.Tensor) -> int:
 
 
 def _vec(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if v.dtype == like.dtype and v.is_contiguous():
+        return v  # only its data pointer is used: no autograd, no copy (the common case)
     return v.detach().to(like.dtype).contiguous()
 
 
