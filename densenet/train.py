@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from . import data as data_mod
+from . import kernels
 from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
 from .distributed import (World, all_reduce_sum, barrier, convert_sync_batchnorm,
                           gather_objects, init_from_env)
@@ -425,8 +426,12 @@ def _run(cfg: TrainConfig, run_dir: Path, ds, state: dict | None, world: World) 
         seconds = time.time() - t0
         seen, loss_sum, wrong = all_reduce_sum([seen, loss_sum, wrong], device)
         val = {"loss": None, "error": None}
+        # the efficient path's pooled buffers are sized for training batches: free them before
+        # validation (other sizes) and after it, so the two phases never hold both sets
+        kernels.release_buffers()
         if val_loader is not None and world.is_main:
             val = evaluate_batches(net, val_loader, device, cfg.amp)
+            kernels.release_buffers()
         row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
                "train_error": wrong / max(seen, 1), "val_loss": val["loss"],
                "val_error": val["error"], "lr": lr, "images_per_s": seen / max(seconds, 1e-9),

@@ -63,6 +63,15 @@ def test_a_run_leaves_everything_in_its_directory(tmp_path, folder_data):
     assert ckpt["preprocess"]["kind"] == "small" and len(ckpt["preprocess"]["mean"]) == 3
 
 
+
+def test_pooled_buffers_are_freed_before_and_after_each_validation(tmp_path, folder_data, monkeypatch):
+    from densenet import kernels
+    calls = []
+    real = kernels.release_buffers
+    monkeypatch.setattr(kernels, "release_buffers", lambda: calls.append(1) or real())
+    run(tmp_path, folder_data, "pool", epochs=2)
+    assert len(calls) == 4 and kernels.pooled_bytes() == 0
+
 def test_recipe_settings_reach_the_optimizer(tmp_path, folder_data):
     run(tmp_path, folder_data, "run", epochs=4, lr=0.05)
     d = tmp_path / "run"
