@@ -588,10 +588,19 @@ class _BnReluFunction(torch.autograd.Function):
 def transition_forward(trans, x: torch.Tensor) -> torch.Tensor:
     """Forward of a ``Transition`` (BN-ReLU-Conv1x1 [dropout] AvgPool): the BN-ReLU-Conv1x1
     part in one function that recomputes BN-ReLU in backward, like the block's layers."""
-    norm, conv = trans.norm, trans.conv
+    norm, conv, pool = trans.norm, trans.conv, trans.pool
     if (not _plain_bn_ok(norm, x) or conv.bias is not None
             or conv.groups != 1 or conv.kernel_size != (1, 1) or conv.stride != (1, 1)):
         y = conv(trans.relu(norm(x)))
+    elif type(pool) is nn.AvgPool2d and not _dropout_active(trans):
+        # a bias-free 1x1 convolution and average pooling are both linear, one across channels,
+        # the other within each channel, so they commute: pooling first gives the same output
+        # with a quarter of the convolution's work, forward and backward
+        if torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad
+                                        or norm.bias.requires_grad or conv.weight.requires_grad):
+            return _BnReluPoolConvFunction.apply(norm, pool, x, norm.weight, norm.bias, conv.weight)
+        with torch.no_grad():
+            return _bn_relu_pool_conv_forward(norm, pool, x, conv.weight)[0]
     elif torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad
                                       or norm.bias.requires_grad or conv.weight.requires_grad):
         y = _BnReluConvFunction.apply(norm, x, norm.weight, norm.bias, conv.weight)
@@ -665,3 +674,82 @@ class _BnReluConvFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         return (None, dx if needs[1] else None, dgamma if needs[2] else None,
                 dbeta if needs[3] else None, dw.view_as(weight) if needs[4] else None)
+
+
+def _dropout_active(trans) -> bool:
+    drop = getattr(trans, "drop", None)
+    return drop is not None and drop.training and drop.p > 0
+
+
+def _image_chunks(n: int, h: int, w: int, t: torch.Tensor):
+    """Chunks of whole images (for the pooling) of at most ``_chunk_rows`` rows, or one image:
+    a list of (first image, end image)."""
+    per = max(1, _chunk_rows(t, n * h * w) // (h * w))
+    return [(i, min(i + per, n)) for i in range(0, n, per)]
+
+
+def _bn_relu_pool_conv_forward(norm, pool, x, weight):
+    n, c, h, w = x.shape
+    X = _rows(x)
+    mean, rstd, scale, shift = _bn_stats(norm, X, n, h, w)
+    chunks = _image_chunks(n, h, w, X)
+    scratch = X.new_empty((chunks[0][1] - chunks[0][0]) * h * w * c)
+    outs = []
+    for i0, i1 in chunks:
+        lo, hi = i0 * h * w, i1 * h * w
+        z = _bn_relu(X[lo:hi], scale, shift, scratch[: (hi - lo) * c].view(hi - lo, c))
+        outs.append(F.conv2d(pool(_nchw(z, i1 - i0, h, w)), weight))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    out = out.contiguous(memory_format=torch.channels_last if _channels_last(x) else torch.contiguous_format)
+    return out, X, mean, rstd, scale, shift
+
+
+class _BnReluPoolConvFunction(torch.autograd.Function):
+    """avgpool(conv1x1(relu(bn(x)))) computed as conv1x1(avgpool(relu(bn(x)))), saving only x:
+    BN-ReLU and the pooling are recomputed in backward, a chunk of whole images at a time."""
+
+    @staticmethod
+    def forward(ctx, norm, pool, x, gamma, beta, weight):
+        out, X, *stats = _bn_relu_pool_conv_forward(norm, pool, x, weight)
+        ctx.save_for_backward(X, weight)
+        ctx.pool = pool
+        _remember(ctx, norm, x, stats)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        X, weight = ctx.saved_tensors
+        mean, rstd, scale, shift, batch = ctx.stats
+        pool = ctx.pool
+        n, c, h, w = ctx.shape
+        m = n * h * w
+        pair = torch.nn.modules.utils._pair
+        pool_args = (pair(pool.kernel_size), pair(pool.stride), pair(pool.padding), pool.ceil_mode,
+                     pool.count_include_pad, pool.divisor_override)
+        dX = kernels.huge_empty(X.shape, X)  # written (not added to), chunk by chunk
+        dw = None
+        sums = torch.zeros(2, c, dtype=torch.float64, device=X.device)
+        chunks = _image_chunks(n, h, w, X)
+        scratch = X.new_empty((chunks[0][1] - chunks[0][0]) * h * w * c)
+        for i0, i1 in chunks:
+            lo, hi = i0 * h * w, i1 * h * w
+            z = _bn_relu(X[lo:hi], scale, shift, scratch[: (hi - lo) * c].view(hi - lo, c))
+            zimg = _nchw(z, i1 - i0, h, w)
+            dzp, dwc, _ = torch.ops.aten.convolution_backward(
+                grad_out[i0:i1], pool(zimg), weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                [True, True, False])
+            dw = dwc if dw is None else dw.add_(dwc)
+            g = _rows(torch.ops.aten.avg_pool2d_backward(dzp, zimg, *pool_args))  # a new tensor
+            _bn_relu_grad(X[lo:hi], g, scale, shift, mean, z, dx=dX[lo:hi], sums=sums, assign=True)
+        dbeta, sum_xg = sums.to(X.dtype)
+        dgamma = sum_xg * rstd
+        if batch:  # BN's two batch-statistics corrections, as in _BnReluConvFunction
+            b = scale * rstd * dgamma / m
+            _affine_add(X, -b, b * mean - scale * dbeta / m, dX, dX)
+        dx = _nchw(dX, n, h, w)
+        if not ctx.layout:
+            dx = dx.contiguous()
+        needs = ctx.needs_input_grad
+        return (None, None, dx if needs[2] else None, dgamma if needs[3] else None,
+                dbeta if needs[4] else None, dw if needs[5] else None)

@@ -381,16 +381,24 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def count_macs(model: nn.Module, input_size: int, in_channels: int = 3) -> int:
-    """Multiply-adds of one forward pass on one image (convolutions and linear layers)."""
+    """Multiply-adds of one forward pass on one image (convolutions and linear layers), as the
+    architecture defines them: counted on the plain (reference) path, since the efficient one
+    computes the same function with fewer (its transitions pool before their 1x1 convolution)."""
     from torch.utils.flop_counter import FlopCounterMode
     p = next(model.parameters())
     x = torch.zeros(1, in_channels, input_size, input_size, device=p.device, dtype=p.dtype)
     was_training = model.training
+    parts = [m for m in model.modules() if isinstance(m, (DenseBlock, Transition))]
+    saved = [getattr(m, "implementation", "reference") for m in parts]
     model.eval()
     try:
+        for m in parts:
+            m.implementation = "reference"
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(x)
     finally:
+        for m, impl in zip(parts, saved):
+            m.implementation = impl
         model.train(was_training)
     return counter.get_total_flops() // 2  # FlopCounterMode counts 2 FLOPs per multiply-add
 

@@ -207,3 +207,43 @@ def test_batch_of_one_and_odd_map_sizes_match_reference(channels_last, path):
     x = torch.randn(1, 3, 9, 7, dtype=torch.float64)
     _assert_same(_step(model, x, "reference", channels_last=channels_last),
                  _step(model, x, "efficient", channels_last=channels_last), 1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_transition_pools_before_its_convolution_with_the_same_result(dtype, path):
+    """avgpool(conv1x1(z)) == conv1x1(avgpool(z)): the efficient transition does a quarter of
+    the convolution's multiply-adds and matches the plain one in output and every gradient
+    (several image chunks with the small-chunks path); with dropout active it cannot commute
+    and runs conv-then-pool."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from densenet.model import Transition
+    torch.manual_seed(0)
+    ref = Transition(24, 12, drop_rate=0.0, implementation="reference").to(dtype)
+    ref.norm.weight.data.uniform_(0.5, 1.5)
+    ref.norm.bias.data.normal_()
+    eff = copy.deepcopy(ref)
+    eff.implementation = "efficient"
+    x = torch.randn(5, 24, 8, 10, dtype=dtype).to(memory_format=torch.channels_last)
+    outs, grads = [], []
+    for mod in (ref, eff):
+        xi = x.clone().requires_grad_()
+        with FlopCounterMode(display=False) as fc:
+            out = mod(xi)
+        outs.append((out, fc.get_total_flops()))
+        (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum().backward()
+        grads.append([xi.grad] + [p.grad for p in mod.parameters()])
+    (r, ref_flops), (e, eff_flops) = outs
+    assert e.shape == r.shape == (5, 12, 4, 5) and e.is_contiguous(memory_format=torch.channels_last)
+    assert eff_flops * 4 == ref_flops
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    for got, want in zip([e] + grads[1], [r] + grads[0]):
+        assert ((got - want).abs().max() / want.abs().max()).item() < tol
+    for name in ("running_mean", "running_var"):
+        got, want = getattr(eff.norm, name), getattr(ref.norm, name)
+        assert ((got - want).abs().max() / want.abs().max()).item() < tol
+    assert eff.norm.num_batches_tracked.item() == ref.norm.num_batches_tracked.item() == 1
+
+    drop = Transition(24, 12, drop_rate=0.5, implementation="efficient").to(dtype)
+    with FlopCounterMode(display=False) as fc:
+        drop(x)
+    assert fc.get_total_flops() == ref_flops  # dropout between conv and pool: conv first
