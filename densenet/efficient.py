@@ -31,7 +31,9 @@ block is one autograd function (after Pleiss et al. 2017, arXiv 1707.06990):
   large temporaries are what makes the CPU slow (page faults on fresh memory; with glibc malloc
   torchvision's bc100 takes 100,000-500,000 faults per training step, see benchmarks/RESULTS.md).
 * The transitions' BN-ReLU-Conv1x1 is one function of the same kind (``transition_forward``):
-  it saves only its input, whose batch statistics it computes in one pass.
+  it saves only its input, whose batch statistics it computes in one pass. Without active
+  dropout it average-pools before the 1x1 convolution (both are linear and they commute), so
+  the convolution does a quarter of the work torchvision's conv-then-pool does.
 
 Cases the function does not cover (bf16 autocast, torch.compile / tracing / scripting, a
 SyncBatchNorm or BN without affine parameters, non-BatchNorm2d norms) run the reference path,
