@@ -225,6 +225,13 @@ def _weight_grad(dy: torch.Tensor, z: torch.Tensor, w4d: torch.Tensor, dw: torch
     return dw.addmm_(dy.t(), z)
 
 
+def _like(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``grad`` with exactly ``param``'s strides, as autograd's gradient layout contract and
+    DDP's gradient buckets expect (a 1x1 weight's gradient can come back from oneDNN with
+    other strides on its size-1 dimensions; DDP then warns and copies it every step)."""
+    return grad if grad.stride() == param.stride() else torch.empty_like(param).copy_(grad)
+
+
 def _bn_grad_apply(x, g, scale, shift, mean, a, b, tmp, out=None):
     """out (default: g, in place) = scale * (g' - a - (x - mean) * b): a BN input gradient from
     its sums (``g`` as left by ``_bn_relu_grad``)."""
@@ -421,7 +428,7 @@ class _DenseBlockFunction(torch.autograd.Function):
                 dy1 = _rows(dz2)  # a view when dz2 is channels-last, else a copy
                 sum_g, sum_xg = _bn_relu_grad(y1, dy1, scale2, shift2, mean2, z2).to(y1.dtype)
                 dg2 = sum_xg * rstd2
-                layer_grads[3:] = [dg2, sum_g, dw2]
+                layer_grads[3:] = [dg2, sum_g, _like(dw2, conv2.weight)]
                 if ctx.training[i][1]:
                     a2, b2 = sum_g / m, dg2 * rstd2 / m
                 else:
@@ -465,7 +472,7 @@ class _DenseBlockFunction(torch.autograd.Function):
                 _bn_relu_grad(Xi, g, scale1, shift1, mean1, z, dx=dX[:, :c_in], sums=sums)
             dbeta, sum_xg = sums.to(X.dtype)
             dgamma = sum_xg.mul_(rstd1)
-            layer_grads[:3] = [dgamma, dbeta, dw1]
+            layer_grads[:3] = [dgamma, dbeta, _like(dw1, layer.conv1.weight)]
             if batch1:
                 corr_a[:c_in].add_(scale1 * dbeta / m)
                 corr_b[:c_in].add_(scale1 * dgamma / m)
@@ -675,7 +682,7 @@ class _BnReluConvFunction(torch.autograd.Function):
             dx = dx.contiguous()
         needs = ctx.needs_input_grad
         return (None, dx if needs[1] else None, dgamma if needs[2] else None,
-                dbeta if needs[3] else None, dw.view_as(weight) if needs[4] else None)
+                dbeta if needs[3] else None, _like(dw.view_as(weight), weight) if needs[4] else None)
 
 
 def _dropout_active(trans) -> bool:
@@ -754,4 +761,4 @@ class _BnReluPoolConvFunction(torch.autograd.Function):
             dx = dx.contiguous()
         needs = ctx.needs_input_grad
         return (None, None, dx if needs[2] else None, dgamma if needs[3] else None,
-                dbeta if needs[4] else None, dw if needs[5] else None)
+                dbeta if needs[4] else None, _like(dw, weight) if needs[5] else None)
