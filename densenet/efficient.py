@@ -654,7 +654,7 @@ class _BnReluConvFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         X, weight = ctx.saved_tensors
-        mean, rstd, scale, shift, batch = ctx.stats
+        mean, _, scale, shift, _ = ctx.stats
         n, c, h, w = ctx.shape
         m = n * h * w
         c_out = weight.shape[0]
@@ -672,17 +672,27 @@ class _BnReluConvFunction(torch.autograd.Function):
             g = torch.mm(dY[lo:hi], w2d, out=gscratch[: (hi - lo) * c].view(hi - lo, c))
             _bn_relu_grad(X[lo:hi], g, scale, shift, mean, None, dx=dX[lo:hi], sums=sums, z=z, assign=True)
             dw = _weight_grad(dY[lo:hi], z, weight, dw)
-        dbeta, sum_xg = sums.to(X.dtype)
-        dgamma = sum_xg * rstd
-        if batch:  # BN's two batch-statistics corrections: dx -= scale * (mean(g') + xhat * mean(g' xhat))
-            b = scale * rstd * dgamma / m
-            _affine_add(X, -b, b * mean - scale * dbeta / m, dX, dX)
-        dx = _nchw(dX, n, h, w)
-        if not ctx.layout:
-            dx = dx.contiguous()
+        dx, dgamma, dbeta = _bn_input_grad(ctx, X, dX, sums)
         needs = ctx.needs_input_grad
         return (None, dx if needs[1] else None, dgamma if needs[2] else None,
                 dbeta if needs[3] else None, _like(dw.view_as(weight), weight) if needs[4] else None)
+
+
+def _bn_input_grad(ctx, X, dX, sums):
+    """The end of a BN-ReLU function's backward (ctx from ``_remember``): from dX = g' * scale
+    and the float64 sums of g' and (x - mean) * g', BN's two batch-statistics corrections
+    applied in place, dx -= scale * (mean(g') + xhat * mean(g' xhat)); returns (dx in the
+    input's layout, dgamma, dbeta)."""
+    mean, rstd, scale, shift, batch = ctx.stats
+    n, c, h, w = ctx.shape
+    m = n * h * w
+    dbeta, sum_xg = sums.to(X.dtype)
+    dgamma = sum_xg * rstd
+    if batch:
+        b = scale * rstd * dgamma / m
+        _affine_add(X, -b, b * mean - scale * dbeta / m, dX, dX)
+    dx = _nchw(dX, n, h, w)
+    return (dx if ctx.layout else dx.contiguous()), dgamma, dbeta
 
 
 def _dropout_active(trans) -> bool:
@@ -729,10 +739,9 @@ class _BnReluPoolConvFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         X, weight = ctx.saved_tensors
-        mean, rstd, scale, shift, batch = ctx.stats
+        mean, _, scale, shift, _ = ctx.stats
         pool = ctx.pool
         n, c, h, w = ctx.shape
-        m = n * h * w
         pair = torch.nn.modules.utils._pair
         pool_args = (pair(pool.kernel_size), pair(pool.stride), pair(pool.padding), pool.ceil_mode,
                      pool.count_include_pad, pool.divisor_override)
@@ -751,14 +760,7 @@ class _BnReluPoolConvFunction(torch.autograd.Function):
             dw = dwc if dw is None else dw.add_(dwc)
             g = _rows(torch.ops.aten.avg_pool2d_backward(dzp, zimg, *pool_args))  # a new tensor
             _bn_relu_grad(X[lo:hi], g, scale, shift, mean, z, dx=dX[lo:hi], sums=sums, assign=True)
-        dbeta, sum_xg = sums.to(X.dtype)
-        dgamma = sum_xg * rstd
-        if batch:  # BN's two batch-statistics corrections, as in _BnReluConvFunction
-            b = scale * rstd * dgamma / m
-            _affine_add(X, -b, b * mean - scale * dbeta / m, dX, dX)
-        dx = _nchw(dX, n, h, w)
-        if not ctx.layout:
-            dx = dx.contiguous()
+        dx, dgamma, dbeta = _bn_input_grad(ctx, X, dX, sums)
         needs = ctx.needs_input_grad
         return (None, None, dx if needs[2] else None, dgamma if needs[3] else None,
                 dbeta if needs[4] else None, _like(dw, weight) if needs[5] else None)
