@@ -496,13 +496,19 @@ def _plain_bn_ok(norm, x: torch.Tensor) -> bool:
 def features_forward(features: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """``relu(features(x))`` of a DenseNet, with each BatchNorm2d that a ReLU follows (the
     ImageNet stem's norm0/relu0, and norm5 with the final ReLU) run as one BN-ReLU function:
-    its output goes into huge-page memory, and backward reads only the BN input."""
+    its output goes into huge-page memory, and backward reads only the BN input. With the fused
+    kernels, the ImageNet stem's BN-ReLU-max-pooling is one function and one pass
+    (``bn_relu_maxpool_forward``)."""
     mods = list(features.children())
     i = 0
     while i < len(mods):
         mod = mods[i]
         last = i == len(mods) - 1
-        if (type(mod) is nn.BatchNorm2d and (last or type(mods[i + 1]) is nn.ReLU)
+        if (type(mod) is nn.BatchNorm2d and i + 2 < len(mods) and type(mods[i + 1]) is nn.ReLU
+                and _maxpool_fusable(mods[i + 2], x) and _plain_bn_ok(mod, x) and _fused(x)):
+            x = bn_relu_maxpool_forward(mod, mods[i + 2], x)
+            i += 3
+        elif (type(mod) is nn.BatchNorm2d and (last or type(mods[i + 1]) is nn.ReLU)
                 and _plain_bn_ok(mod, x)):
             x = bn_relu_forward(mod, x)
             if last:
@@ -574,24 +580,99 @@ class _BnReluFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         (X,) = ctx.saved_tensors
-        mean, rstd, scale, shift, batch = ctx.stats
-        n, c, h, w = ctx.shape
-        m = n * h * w
+        mean, _, scale, shift, _ = ctx.stats
         dY = _rows(grad_out)
         if not _fused(X):
             dY = dY.clone()  # the torch-op path masks its gradient in place
         tmp = None if _fused(X) else torch.empty_like(X)
-        sum_g, sum_xg = _bn_relu_grad(X, dY, scale, shift, mean, tmp).to(X.dtype)
-        dgamma = sum_xg * rstd
-        if batch:
-            a, b = sum_g / m, dgamma * rstd / m
-        else:
-            a = b = torch.zeros_like(sum_g)
-        dX = _bn_grad_apply(X, dY, scale, shift, mean, a, b, tmp, out=kernels.huge_empty(X.shape, X))
-        dx = _nchw(dX, n, h, w)
+        sums = _bn_relu_grad(X, dY, scale, shift, mean, tmp)
+        dx, dgamma, dbeta = _bn_grad_from_sums(ctx, X, dY, sums, kernels.huge_empty(X.shape, X), tmp)
         needs = ctx.needs_input_grad
-        return (None, (dx if ctx.layout else dx.contiguous()) if needs[1] else None,
-                dgamma if needs[2] else None, sum_g if needs[3] else None)
+        return (None, dx if needs[1] else None, dgamma if needs[2] else None, dbeta if needs[3] else None)
+
+
+def _bn_grad_from_sums(ctx, X, G, sums, out, tmp=None):
+    """The end of a BN-ReLU function's backward (ctx from ``_remember``) from the gradient G at
+    its ReLU output (or g', already masked) and the float64 sums of g' and (x - mean) * g':
+    out = BN's input gradient (``out`` may be G); returns (it in the input's shape and layout,
+    dgamma, dbeta)."""
+    mean, rstd, scale, shift, batch = ctx.stats
+    n, c, h, w = ctx.shape
+    m = n * h * w
+    sum_g, sum_xg = sums.to(X.dtype)
+    dgamma = sum_xg * rstd
+    if batch:
+        a, b = sum_g / m, dgamma * rstd / m
+    else:
+        a = b = torch.zeros_like(sum_g)
+    dx = _nchw(_bn_grad_apply(X, G, scale, shift, mean, a, b, tmp, out=out), n, h, w)
+    return (dx if ctx.layout else dx.contiguous()), dgamma, sum_g
+
+
+def _maxpool_fusable(pool, x: torch.Tensor) -> bool:
+    """A max pooling the fused stem kernel computes as ``F.max_pool2d`` does (else the module
+    runs, and raises its own errors for invalid settings)."""
+    if type(pool) is not nn.MaxPool2d or pool.return_indices or pool.ceil_mode:
+        return False
+    pair = torch.nn.modules.utils._pair
+    k, s, p, d = (pair(v) for v in (pool.kernel_size, pool.stride, pool.padding, pool.dilation))
+    return (d == (1, 1) and all(kk > 0 and ss > 0 and 0 <= pp <= kk // 2 for kk, ss, pp in zip(k, s, p))
+            and all(size + 2 * pp >= kk for size, kk, pp in zip(x.shape[2:], k, p)))
+
+
+def _pool_geometry(pool, h: int, w: int):
+    pair = torch.nn.modules.utils._pair
+    k, s, p = pair(pool.kernel_size), pair(pool.stride), pair(pool.padding)
+    return k, s, p, (h + 2 * p[0] - k[0]) // s[0] + 1, (w + 2 * p[1] - k[1]) // s[1] + 1
+
+
+def bn_relu_maxpool_forward(norm: nn.BatchNorm2d, pool: nn.MaxPool2d, x: torch.Tensor) -> torch.Tensor:
+    """pool(relu(norm(x))) (the ImageNet stem after its convolution) with the fused kernels, with
+    nn.BatchNorm2d's running-statistics update. Max pooling commutes with the monotone ReLU, so
+    one pass over x gives the output: neither the BN-ReLU output (4x the output's size) nor
+    pooling indices are stored; backward finds each window's maximum again from x."""
+    if torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad or norm.bias.requires_grad):
+        return _BnReluMaxPoolFunction.apply(norm, pool, x, norm.weight, norm.bias)
+    with torch.no_grad():
+        return _bn_relu_maxpool_forward(norm, pool, x)[0]
+
+
+def _bn_relu_maxpool_forward(norm, pool, x):
+    n, c, h, w = x.shape
+    X = _rows(x)
+    mean, rstd, scale, shift = _bn_stats(norm, X, n, h, w)
+    k, s, p, oh, ow = _pool_geometry(pool, h, w)
+    out = kernels.bn_relu_maxpool(X.view(n, h, w, c), scale, shift, k, s, p,
+                                  kernels.huge_empty((n, oh, ow, c), X))
+    out = out.permute(0, 3, 1, 2)
+    return (out if _channels_last(x) else out.contiguous()), X, mean, rstd, scale, shift
+
+
+class _BnReluMaxPoolFunction(torch.autograd.Function):
+    """maxpool(relu(bn(x))) saving only x (torch keeps the BN-ReLU output and int64 indices)."""
+
+    @staticmethod
+    def forward(ctx, norm, pool, x, gamma, beta):
+        out, X, *stats = _bn_relu_maxpool_forward(norm, pool, x)
+        ctx.save_for_backward(X)
+        ctx.pool = pool
+        _remember(ctx, norm, x, stats)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        (X,) = ctx.saved_tensors
+        mean, _, scale, shift, _ = ctx.stats
+        n, c, h, w = ctx.shape
+        k, s, p, _, _ = _pool_geometry(ctx.pool, h, w)
+        G = kernels.huge_empty(X.shape, X)  # g', all of it written by the kernel
+        sums = kernels.bn_relu_maxpool_grad(X.view(n, h, w, c), scale, shift, mean, k, s, p,
+                                            grad_out.permute(0, 2, 3, 1).contiguous(), G.view(n, h, w, c))
+        dx, dgamma, dbeta = _bn_grad_from_sums(ctx, X, G, sums, G)
+        needs = ctx.needs_input_grad
+        return (None, None, dx if needs[2] else None, dgamma if needs[3] else None,
+                dbeta if needs[4] else None)
 
 
 def transition_forward(trans, x: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,8 @@ one or more full passes over an (N*H*W, C) matrix. The kernels here do each grou
                    output - all in one pass
 * ``bn_grad_apply`` out = scale * (g' - a - (x - mean) * b): BN's input gradient from those sums
 * ``col_affine_add`` out = src + x * coef + const (BN's batch-statistics corrections)
+* ``bn_relu_maxpool`` the ImageNet stem's BN-ReLU-max-pooling in one pass, and its backward
+                   (``bn_relu_maxpool_grad``) to BN's output gradient and sums in one more
 
 They are plain C (float and double) over row-major matrices with a leading dimension, so they
 read column slices of the shared buffer in place, and are parallel over rows with OpenMP - the
@@ -187,9 +189,115 @@ void col_affine_add_$S(long m, long c, const $T *restrict x, long ldx, const $T 
         for (long j = 0; j < c; j++) di[j] = si[j] + xi[j] * coef[j] + cst[j];
     }
 }
+
+/* Max pooling of relu(x * scale + shift) over channels-last images (n, h, w, c): since ReLU is
+   monotone, the window maximum of the ReLU'd values is the ReLU of the window maximum of
+   x * scale + shift, so neither the BN-ReLU output nor the pooling indices are ever stored.
+   A NaN wins its window, as in PyTorch's max pooling. Parallel over output rows. */
+void bn_relu_maxpool_$S(long n, long h, long w, long c, const $T *restrict x,
+                        const $T *restrict scale, const $T *restrict shift, long kh, long kw,
+                        long sh, long sw, long ph, long pw, long oh, long ow, $T *restrict out,
+                        int nt) {
+    #pragma omp parallel num_threads(nt)
+    {
+        $T *mx = malloc(sizeof($T) * c);
+        #pragma omp for schedule(static)
+        for (long r = 0; r < n * oh; r++) {
+            long img = r / oh, oy = r % oh;
+            long y0 = oy * sh - ph, y1 = y0 + kh;
+            if (y0 < 0) y0 = 0;
+            if (y1 > h) y1 = h;
+            for (long ox = 0; ox < ow; ox++) {
+                long x0 = ox * sw - pw, x1 = x0 + kw;
+                if (x0 < 0) x0 = 0;
+                if (x1 > w) x1 = w;
+                for (long j = 0; j < c; j++) mx[j] = -INFINITY;
+                for (long yy = y0; yy < y1; yy++)
+                    for (long xx = x0; xx < x1; xx++) {
+                        const $T *restrict xi = x + ((img * h + yy) * w + xx) * c;
+                        for (long j = 0; j < c; j++) {
+                            $T v = xi[j] * scale[j] + shift[j];
+                            mx[j] = (v > mx[j] || v != v) ? v : mx[j];
+                        }
+                    }
+                $T *restrict oi = out + ((img * oh + oy) * ow + ox) * c;
+                for (long j = 0; j < c; j++) oi[j] = (mx[j] > 0 || mx[j] != mx[j]) ? mx[j] : 0;
+            }
+        }
+        free(mx);
+    }
+}
+
+/* Its backward up to BN's input: g' (the pooled gradient gout routed to the first maximum of
+   each window, as PyTorch routes it, and kept only where that maximum is positive - the ReLU
+   mask) written to dx, all of dx (zero where nothing is routed); the column sums of g' and of
+   (x - mean) * g' added to sums (double, 2 x c). Parallel over images: windows overlap within
+   an image only. */
+void bn_relu_maxpool_grad_$S(long n, long h, long w, long c, const $T *restrict x,
+                             const $T *restrict scale, const $T *restrict shift,
+                             const $T *restrict mean, long kh, long kw, long sh, long sw, long ph,
+                             long pw, long oh, long ow, const $T *restrict gout,
+                             $T *restrict dx, double *restrict sums, int nt) {
+    double *part = calloc((size_t)nt * 2 * c, sizeof(double));
+    #pragma omp parallel num_threads(nt)
+    {
+        int t = omp_get_thread_num();
+        double *dg = part + (long)t * 2 * c, *dxg = dg + c;
+        $T *mx = malloc(sizeof($T) * 3 * c), *ag = mx + c, *axg = ag + c;
+        long *arg = malloc(sizeof(long) * c);
+        #pragma omp for schedule(static)
+        for (long img = 0; img < n; img++) {
+            const $T *restrict xim = x + img * h * w * c;
+            $T *restrict dim = dx + img * h * w * c;
+            for (long i = 0; i < h * w * c; i++) dim[i] = 0;
+            for (long oy = 0; oy < oh; oy++) {
+                long y0 = oy * sh - ph, y1 = y0 + kh;
+                if (y0 < 0) y0 = 0;
+                if (y1 > h) y1 = h;
+                for (long j = 0; j < 2 * c; j++) ag[j] = 0;
+                for (long ox = 0; ox < ow; ox++) {
+                    long x0 = ox * sw - pw, x1 = x0 + kw;
+                    if (x0 < 0) x0 = 0;
+                    if (x1 > w) x1 = w;
+                    for (long j = 0; j < c; j++) { mx[j] = -INFINITY; arg[j] = y0 * w + x0; }
+                    for (long yy = y0; yy < y1; yy++)
+                        for (long xx = x0; xx < x1; xx++) {
+                            const $T *restrict xi = xim + (yy * w + xx) * c;
+                            long pos = yy * w + xx;
+                            for (long j = 0; j < c; j++) {
+                                $T v = xi[j] * scale[j] + shift[j];
+                                int take = v > mx[j] || v != v;
+                                mx[j] = take ? v : mx[j];
+                                arg[j] = take ? pos : arg[j];
+                            }
+                        }
+                    const $T *restrict gi = gout + ((img * oh + oy) * ow + ox) * c;
+                    for (long j = 0; j < c; j++) {
+                        if (mx[j] > 0) {
+                            long at = arg[j] * c + j;
+                            dim[at] += gi[j];
+                            ag[j] += gi[j];
+                            axg[j] += (xim[at] - mean[j]) * gi[j];
+                        }
+                    }
+                }
+                for (long j = 0; j < c; j++) { dg[j] += ag[j]; dxg[j] += axg[j]; }
+            }
+        }
+        free(mx);
+        free(arg);
+    }
+    for (long j = 0; j < c; j++) {
+        double s = 0, sx = 0;
+        for (int t = 0; t < nt; t++) { s += part[(long)t * 2 * c + j]; sx += part[(long)t * 2 * c + c + j]; }
+        sums[j] += s;
+        sums[c + j] += sx;
+    }
+    free(part);
+}
 """)
 
-_HEADER = "#include <stdlib.h>\n#include <omp.h>\n"
+_HEADER = "#include <math.h>\n#include <stdlib.h>\n#include <omp.h>\n"
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared"]
 _TYPES = {torch.float32: ("float", "f32"), torch.float64: ("double", "f64")}
 
@@ -250,6 +358,9 @@ def _build() -> ctypes.CDLL:
         getattr(lib, f"bn_relu_grad_{s}").argtypes = [L, L, P, L, P, L, P, P, P, P, L, I, P, L, P, I]
         getattr(lib, f"bn_grad_apply_{s}").argtypes = [L, L, P, L, P, L, P, P, P, P, P, P, L, I]
         getattr(lib, f"col_affine_add_{s}").argtypes = [L, L, P, L, P, P, P, L, P, L, I]
+        getattr(lib, f"bn_relu_maxpool_{s}").argtypes = [L, L, L, L, P, P, P, L, L, L, L, L, L, L, L, P, I]
+        getattr(lib, f"bn_relu_maxpool_grad_{s}").argtypes = [L, L, L, L, P, P, P, P, L, L, L, L, L, L,
+                                                             L, L, P, P, P, I]
     return lib
 
 
@@ -376,6 +487,41 @@ def col_affine_add(x, coef, const, src, out):
     _fn("col_affine_add", x)(m, c, x.data_ptr(), _ld(x), coef.data_ptr(), const.data_ptr(),
                              src.data_ptr(), _ld(src), out.data_ptr(), _ld(out), torch.get_num_threads())
     return out
+
+
+def _images(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() != 4 or not x.is_contiguous():
+        raise ValueError(f"kernel images need a contiguous (N, H, W, C) tensor, got strides {x.stride()}")
+    return x
+
+
+def bn_relu_maxpool(x, scale, shift, kernel, stride, padding, out):
+    """out (N, OH, OW, C) = max pooling of relu(x * scale + shift) over the channels-last images
+    x (N, H, W, C) (both contiguous): windows ``kernel``, ``stride``, ``padding`` (pairs), no
+    dilation, floor mode - ``F.max_pool2d`` after BN-ReLU, without either intermediate."""
+    n, h, w, c = _images(x).shape
+    _, oh, ow, _ = _images(out).shape
+    scale, shift = _vec(scale, x), _vec(shift, x)
+    _fn("bn_relu_maxpool", x)(n, h, w, c, x.data_ptr(), scale.data_ptr(), shift.data_ptr(),
+                              *kernel, *stride, *padding, oh, ow, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def bn_relu_maxpool_grad(x, scale, shift, mean, kernel, stride, padding, gout, dx, sums=None):
+    """Backward of ``bn_relu_maxpool`` to the BN output's gradient g' (``gout`` routed to each
+    window's first maximum, kept where it is positive): writes g' to all of ``dx`` (like ``x``)
+    and adds the column sums of g' and of (x - mean) * g' to ``sums`` (float64 (2, C), zeros if
+    not given), which it returns."""
+    n, h, w, c = _images(x).shape
+    _, oh, ow, _ = _images(gout).shape
+    _images(dx)
+    scale, shift, mean = _vec(scale, x), _vec(shift, x), _vec(mean, x)
+    if sums is None:
+        sums = torch.zeros(2, c, dtype=torch.float64)
+    _fn("bn_relu_maxpool_grad", x)(n, h, w, c, x.data_ptr(), scale.data_ptr(), shift.data_ptr(),
+                                   mean.data_ptr(), *kernel, *stride, *padding, oh, ow, gout.data_ptr(),
+                                   dx.data_ptr(), sums.data_ptr(), torch.get_num_threads())
+    return sums
 
 
 # ----------------------------------------------------------------------------- huge pages

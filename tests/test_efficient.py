@@ -249,3 +249,58 @@ def test_transition_pools_before_its_convolution_with_the_same_result(dtype, pat
     with FlopCounterMode(display=False) as fc:
         drop(x)
     assert fc.get_total_flops() == ref_flops  # dropout between conv and pool: conv first
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_fused_stem_bn_relu_maxpool_matches_the_modules(dtype, channels_last, train):
+    """The ImageNet stem's BN-ReLU-max-pooling as one function: same output, input and
+    parameter gradients and running statistics as the three modules; only its input is kept
+    for backward (the modules keep the BN-ReLU output and int64 pooling indices as well)."""
+    import torch.nn as nn
+    from densenet import efficient, kernels
+    if not kernels.available(torch.zeros(1)):
+        pytest.skip(f"kernels unavailable: {kernels.unavailable_reason()}")
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.BatchNorm2d(6), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)).to(dtype).train(train)
+    ref[0].weight.data.uniform_(0.5, 1.5)
+    ref[0].bias.data.normal_()
+    ref[0].running_var.fill_(2.0)
+    norm, pool = copy.deepcopy(ref[0]), ref[2]
+    x = torch.randn(3, 6, 15, 13, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    outs = []
+    for fused in (False, True):
+        xi = x.clone().requires_grad_()
+        if fused:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                saved = []
+                out = efficient.bn_relu_maxpool_forward(norm, pool, xi)
+            assert [t.shape for t in saved] == [(3 * 15 * 13, 6)]  # x alone, as a matrix
+        else:
+            out = ref(xi)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum().backward()
+        bn = norm if fused else ref[0]
+        outs.append([out, xi.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var])
+        assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    for got, want in zip(outs[1], outs[0]):
+        assert ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item() < tol
+    assert norm.num_batches_tracked.item() == ref[0].num_batches_tracked.item() == int(train)
+
+
+def test_stem_pooling_the_fused_kernel_does_not_cover_runs_the_modules():
+    import torch.nn as nn
+    from densenet import efficient
+    x = torch.randn(2, 4, 9, 9)
+    assert efficient._maxpool_fusable(nn.MaxPool2d(3, 2, 1), x)
+    for pool in (nn.MaxPool2d(3, 2, 1, ceil_mode=True), nn.MaxPool2d(3, 2, 1, dilation=2),
+                 nn.MaxPool2d(3, 2, 1, return_indices=True), nn.AvgPool2d(3, 2, 1)):
+        assert not efficient._maxpool_fusable(pool, x)
+    torch.manual_seed(0)
+    model = create_model("densenet121", block_config=(2, 3), num_classes=7).double()
+    model.features.pool0 = nn.MaxPool2d(3, 2, 1, ceil_mode=True)
+    x = torch.randn(2, 3, 41, 41, dtype=torch.float64)
+    _assert_same(_step(model, x, "reference"), _step(model, x, "efficient"), 1e-10)

@@ -69,6 +69,36 @@ def test_bn_relu_and_its_gradient_match_torch(dtype, m, c, ld):
 
 @needs_cc
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,h,w,c,k,s,p", [(2, 9, 7, 5, 3, 2, 1), (3, 12, 12, 16, 3, 2, 1),
+                                           (1, 5, 6, 3, 2, 2, 0), (2, 8, 8, 4, 3, 1, 1)])
+def test_bn_relu_maxpool_and_its_gradient_match_torch(dtype, n, h, w, c, k, s, p):
+    torch.manual_seed(n * h * w)
+    x = torch.randn(n, h, w, c, dtype=dtype)
+    x[0, :3, :3, 0] = 0.7  # a window of equal positive values: the first one gets the gradient
+    x[-1, :, :, -1] = -5.0  # a channel that ReLU zeroes: ties at zero, no gradient
+    scale, shift, mean = torch.rand(c, dtype=dtype) + 0.5, torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype)
+    xt = x.permute(0, 3, 1, 2)
+    pre = (xt * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).requires_grad_()
+    want = torch.nn.functional.max_pool2d(pre.relu(), k, s, p)
+    gout = torch.randn_like(want)
+    (want * gout).sum().backward()
+    gm = pre.grad.permute(0, 2, 3, 1)  # g' at BN's output, as torch routes and masks it
+    out = torch.full((n,) + want.shape[2:] + (c,), float("nan"), dtype=dtype)
+    kernels.bn_relu_maxpool(x, scale, shift, (k, k), (s, s), (p, p), out)
+    assert torch.equal(out, want.detach().permute(0, 2, 3, 1))
+    dx = torch.full_like(x, float("nan"))  # every element written
+    sums = torch.ones(2, c, dtype=torch.float64)  # accumulated into
+    kernels.bn_relu_maxpool_grad(x, scale, shift, mean, (k, k), (s, s), (p, p),
+                                 gout.permute(0, 2, 3, 1).contiguous(), dx, sums)
+    assert torch.equal(dx, gm)
+    _close(sums[0] - 1, gm.sum((0, 1, 2)).double(), dtype)
+    _close(sums[1] - 1, ((x - mean) * gm).sum((0, 1, 2)).double(), dtype)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.bn_relu_maxpool(xt, scale, shift, (k, k), (s, s), (p, p), out)
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,c,ld", [(1, 3, 3), (255, 5, 9), (257, 12, 216), (5000, 64, 64)])
 def test_column_statistics_are_exact_even_far_from_zero(dtype, m, c, ld):
     # one pass over memory, yet no E[x^2] - E[x]^2 cancellation: data around 1e4 with unit spread
