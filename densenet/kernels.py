@@ -135,6 +135,17 @@ static inline void grad_rows_$S(long r, long c, const $T *restrict x, long ldx,
     }
 }
 
+/* sums (2 x c) += the per-thread partial sums in part (nt x 2 x c), which it frees */
+static void add_partial_sums_$S(long c, int nt, double *part, double *restrict sums) {
+    for (long j = 0; j < c; j++) {
+        double s = 0, sx = 0;
+        for (int t = 0; t < nt; t++) { s += part[(long)t * 2 * c + j]; sx += part[(long)t * 2 * c + c + j]; }
+        sums[j] += s;
+        sums[c + j] += sx;
+    }
+    free(part);
+}
+
 void bn_relu_grad_$S(long m, long c, const $T *restrict x, long ldx, const $T *restrict g,
                      long ldg, const $T *restrict scale, const $T *restrict shift,
                      const $T *restrict mean, $T *restrict dx, long lddx, int assign,
@@ -156,13 +167,7 @@ void bn_relu_grad_$S(long m, long c, const $T *restrict x, long ldx, const $T *r
         }
         free(ag);
     }
-    for (long j = 0; j < c; j++) {
-        double s = 0, sx = 0;
-        for (int t = 0; t < nt; t++) { s += part[(long)t * 2 * c + j]; sx += part[(long)t * 2 * c + c + j]; }
-        sums[j] += s;
-        sums[c + j] += sx;
-    }
-    free(part);
+    add_partial_sums_$S(c, nt, part, sums);
 }
 
 void bn_grad_apply_$S(long m, long c, const $T *restrict x, long ldx, const $T *g, long ldg,
@@ -287,13 +292,7 @@ void bn_relu_maxpool_grad_$S(long n, long h, long w, long c, const $T *restrict 
         free(mx);
         free(arg);
     }
-    for (long j = 0; j < c; j++) {
-        double s = 0, sx = 0;
-        for (int t = 0; t < nt; t++) { s += part[(long)t * 2 * c + j]; sx += part[(long)t * 2 * c + c + j]; }
-        sums[j] += s;
-        sums[c + j] += sx;
-    }
-    free(part);
+    add_partial_sums_$S(c, nt, part, sums);
 }
 """)
 

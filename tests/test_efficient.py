@@ -129,20 +129,24 @@ def test_momentum_none_cumulative_average_matches():
     _assert_same(_step(model, x, "reference"), _step(model, x, "efficient"), 1e-10)
 
 
-def test_inference_under_no_grad_matches_reference(path):
-    torch.manual_seed(0)
-    model = densenet_cifar(28, growth_rate=6).eval()
+def _assert_inference_matches_reference(model, x):
+    """Eval mode, no gradients, running statistics away from the defaults: both layouts."""
+    model.eval()
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
-    x = torch.randn(5, 3, 16, 16)
     with torch.no_grad():
         ref = copy.deepcopy(model).set_implementation("reference")(x)
         out = model(x)
         cl = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cl, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_under_no_grad_matches_reference(path):
+    torch.manual_seed(0)
+    _assert_inference_matches_reference(densenet_cifar(28, growth_rate=6), torch.randn(5, 3, 16, 16))
 
 
 def test_the_default_implementation_is_the_efficient_one():
@@ -304,3 +308,9 @@ def test_stem_pooling_the_fused_kernel_does_not_cover_runs_the_modules():
     model.features.pool0 = nn.MaxPool2d(3, 2, 1, ceil_mode=True)
     x = torch.randn(2, 3, 41, 41, dtype=torch.float64)
     _assert_same(_step(model, x, "reference"), _step(model, x, "efficient"), 1e-10)
+
+
+def test_imagenet_stem_model_inference_under_no_grad_matches_reference(path):
+    torch.manual_seed(0)  # the fused stem without autograd; odd map sizes
+    _assert_inference_matches_reference(create_model("densenet121", block_config=(2, 3), num_classes=7),
+                                        torch.randn(3, 3, 45, 38))
