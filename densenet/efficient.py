@@ -34,6 +34,9 @@ block is one autograd function (after Pleiss et al. 2017, arXiv 1707.06990):
   it saves only its input, whose batch statistics it computes in one pass. Without active
   dropout it average-pools before the 1x1 convolution (both are linear and they commute), so
   the convolution does a quarter of the work torchvision's conv-then-pool does.
+* The ImageNet stem's BN-ReLU-max-pool is one function and, with the kernels, one pass
+  (``bn_relu_maxpool_forward``): max pooling commutes with the monotone ReLU, so neither the
+  BN-ReLU output nor pooling indices are stored; backward finds each window's maximum again.
 
 Cases the function does not cover (bf16 autocast, torch.compile / tracing / scripting, a
 SyncBatchNorm or BN without affine parameters, non-BatchNorm2d norms) run the reference path,
