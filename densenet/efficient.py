@@ -615,12 +615,14 @@ def _bn_grad_from_sums(ctx, X, G, sums, out, tmp=None):
 def _maxpool_fusable(pool, x: torch.Tensor) -> bool:
     """A max pooling the fused stem kernel computes as ``F.max_pool2d`` does (else the module
     runs, and raises its own errors for invalid settings)."""
-    if type(pool) is not nn.MaxPool2d or pool.return_indices or pool.ceil_mode:
+    if (type(pool) is not nn.MaxPool2d or pool.return_indices or pool.ceil_mode
+            or torch.nn.modules.utils._pair(pool.dilation) != (1, 1)):
         return False
     pair = torch.nn.modules.utils._pair
-    k, s, p, d = (pair(v) for v in (pool.kernel_size, pool.stride, pool.padding, pool.dilation))
-    return (d == (1, 1) and all(kk > 0 and ss > 0 and 0 <= pp <= kk // 2 for kk, ss, pp in zip(k, s, p))
-            and all(size + 2 * pp >= kk for size, kk, pp in zip(x.shape[2:], k, p)))
+    if not all(kk > 0 and ss > 0 and 0 <= pp <= kk // 2
+               for kk, ss, pp in zip(pair(pool.kernel_size), pair(pool.stride), pair(pool.padding))):
+        return False
+    return min(_pool_geometry(pool, *x.shape[2:])[3:]) >= 1
 
 
 def _pool_geometry(pool, h: int, w: int):

@@ -301,7 +301,8 @@ def test_stem_pooling_the_fused_kernel_does_not_cover_runs_the_modules():
     x = torch.randn(2, 4, 9, 9)
     assert efficient._maxpool_fusable(nn.MaxPool2d(3, 2, 1), x)
     for pool in (nn.MaxPool2d(3, 2, 1, ceil_mode=True), nn.MaxPool2d(3, 2, 1, dilation=2),
-                 nn.MaxPool2d(3, 2, 1, return_indices=True), nn.AvgPool2d(3, 2, 1)):
+                 nn.MaxPool2d(3, 2, 1, return_indices=True), nn.AvgPool2d(3, 2, 1),
+                 nn.MaxPool2d(3, 0, 1), nn.MaxPool2d(3, 2, 2), nn.MaxPool2d(13, 1, 1)):
         assert not efficient._maxpool_fusable(pool, x)
     torch.manual_seed(0)
     model = create_model("densenet121", block_config=(2, 3), num_classes=7).double()
