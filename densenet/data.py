@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import atomic_write_bytes
+from .rundir import atomic_write_bytes
 from .errors import UsageError
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]

@@ -2,7 +2,7 @@
 
 A plain dense block (``DenseBlock`` with ``implementation="reference"``) concatenates all earlier
 maps for every layer and autograd keeps every concatenation and every BN output alive until
-backward, so training memory grows quadratically with depth (SPEC section 8). Here the whole
+backward, so training memory grows quadratically with depth. Here the whole
 block is one autograd function (after Pleiss et al. 2017, arXiv 1707.06990):
 
 * Each block owns one channels-last buffer ``B`` of shape (N, H, W, C_in + L*k); layer l writes
@@ -50,6 +50,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
+
+
+def release_buffers() -> int:
+    """Free the pooled CPU buffers of this path that no tensor uses any more (bytes freed)."""
+    return kernels.release_buffers()
 
 
 def _eager_ok(x: torch.Tensor) -> bool:

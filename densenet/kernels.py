@@ -527,6 +527,7 @@ def bn_relu_maxpool_grad(x, scale, shift, mean, kernel, stride, padding, gout, d
 
 _HUGE = 2 << 20
 _MADV_HUGEPAGE = 14
+POOL_MIN_BYTES = 4 * _HUGE  # smaller buffers come from torch's allocator as usual
 _libc = None
 
 
@@ -622,7 +623,7 @@ def huge_empty(shape, like: torch.Tensor) -> torch.Tensor:
     for s in shape:
         numel *= s
     nbytes = numel * like.element_size()
-    if like.device.type != "cpu" or nbytes < 4 * _HUGE or like.layout is not torch.strided:
+    if like.device.type != "cpu" or nbytes < POOL_MIN_BYTES or like.layout is not torch.strided:
         return like.new_empty(shape)
     if _pool.usable():
         return _pool.empty(tuple(shape), like.dtype, nbytes)

@@ -1,7 +1,8 @@
 """DenseNet (Huang et al., CVPR 2017): layers, blocks, the two families and the model registry.
 
 Submodule names follow torchvision (``features.denseblock1.denselayer1.norm1``) because that is
-the state-dict format the world's DenseNet checkpoints use; see SPEC sections 2-4.
+the state-dict format the world's DenseNet checkpoints use. Architecture: the paper's section 3
+(dense connectivity, growth rate, bottleneck layers, compression) and Table 1.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import efficient
 from .errors import UsageError
+from .weights import load_weights_into
 
 __all__ = ["DenseNet", "create_model", "list_models", "model_info", "densenet_cifar"]
 
@@ -45,7 +48,7 @@ class DenseLayer(nn.Module):
             self.conv1 = nn.Conv2d(in_channels, growth_rate, kernel_size=3, padding=1, bias=False)
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
-        # The paper drops after every convolution but the network's first (SPEC section 2).
+        # The paper drops after every convolution but the network's first (section 4.2).
         if self.drop_rate > 0:
             x = F.dropout(x, p=self.drop_rate, training=self.training)
         return x
@@ -99,8 +102,7 @@ class DenseBlock(nn.ModuleDict):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.implementation == "efficient":
-            from .efficient import dense_block_forward
-            return dense_block_forward(self, x)
+            return efficient.dense_block_forward(self, x)
         features = [x]
         for layer in self.values():
             features.append(layer(features))
@@ -123,8 +125,7 @@ class Transition(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if getattr(self, "implementation", "reference") == "efficient":
-            from .efficient import transition_forward
-            return transition_forward(self, x)
+            return efficient.transition_forward(self, x)
         return super().forward(x)
 
 
@@ -223,6 +224,14 @@ class DenseNet(nn.Module):
                 m.implementation = implementation
         return self
 
+    def train(self, mode: bool = True) -> "DenseNet":
+        # The efficient path keeps its large CPU buffers for reuse at the same sizes; a switch
+        # between training and evaluation (validation batches of another size) frees the idle
+        # ones, so the two phases never hold both sets.
+        if mode != self.training:
+            efficient.release_buffers()
+        return super().train(mode)
+
     def _init_weights(self) -> None:
         # The paper's Torch code (fb.resnet.torch) draws conv weights from N(0, 2/n) with
         # n = k*k*out_channels, i.e. He init in fan_out mode.
@@ -238,8 +247,7 @@ class DenseNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The final feature map, after the last BN and ReLU (N, num_features, H', W')."""
         if self.implementation == "efficient":
-            from .efficient import features_forward
-            return features_forward(self.features, x)
+            return efficient.features_forward(self.features, x)
         return F.relu(self.features(x), inplace=True)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -316,7 +324,6 @@ def create_model(name: str, weights: str | None = None, **overrides) -> DenseNet
     kwargs = {**info.kwargs, **overrides}
     model = DenseNet(**kwargs)
     if weights is not None:
-        from .checkpoint import load_weights_into
         load_weights_into(model, weights)
     return model
 
@@ -337,7 +344,7 @@ def _cifar_layers_per_block(depth: int, bottleneck: bool) -> int:
 def densenet_cifar(depth: int, growth_rate: int = 12, bottleneck: bool = True,
                    compression: float = 0.5, num_classes: int = 10,
                    num_init_features: int | None = None, **kwargs) -> DenseNet:
-    """A 3-block CIFAR/SVHN DenseNet of any valid depth L (SPEC section 3).
+    """A 3-block CIFAR/SVHN DenseNet of any valid depth L (section 3 of the paper, "Implementation Details").
 
     The stem is 16 maps for the basic net and 2k for nets with bottleneck or compression, which
     is what reproduces the paper's parameter counts.

@@ -12,7 +12,7 @@ import io
 import os
 from typing import Sequence
 
-from .checkpoint import atomic_write_bytes
+from .rundir import atomic_write_bytes
 
 __all__ = ["plot_curves", "plot_tradeoff", "plot_feature_reuse"]
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from densenet import create_model
-from densenet.checkpoint import (atomic_write_bytes, load_checkpoint, load_model, read_file,
-                                 save_checkpoint)
+from densenet.inference import load_model
+from densenet.rundir import atomic_write_bytes, load_checkpoint, read_file, save_checkpoint
 
 
 def payload(model_name="densenet_bc16_k4"):

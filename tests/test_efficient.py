@@ -1,5 +1,5 @@
 """The memory-efficient dense block gives what the plain (reference) one gives: forward outputs,
-parameter and input gradients, and BatchNorm running statistics (SPEC section 8)."""
+parameter and input gradients, and BatchNorm running statistics (Pleiss et al. 2017, arXiv 1707.06990)."""
 
 import copy
 

@@ -1,4 +1,4 @@
-"""The model family of the paper (SPEC sections 2-4): exact sizes, shapes, torchvision parity."""
+"""The model family of the paper (section 3 and Table 1 of the paper): exact sizes, shapes, torchvision parity."""
 
 import re
 

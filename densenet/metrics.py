@@ -1,30 +1,15 @@
-"""Measuring a model on data: loss, top-1 and top-5 error."""
+"""Measuring a model on batches of data: loss, top-1 and top-5 error, single crop and 10-crop.
+
+Used by training (validation and test) and by ``densenet eval``."""
 
 from __future__ import annotations
 
-import contextlib
 from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 
-from .errors import UsageError
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but PyTorch sees no CUDA GPU here; "
-                         "use --device cpu (or auto).")
-    return torch.device(name)
-
-
-def autocast(device: torch.device, amp: str | None):
-    """bfloat16 autocast when asked for, else a no-op context."""
-    if amp in (None, "", "none", "off"):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+from .devices import autocast
 
 
 @torch.no_grad()

@@ -1,4 +1,8 @@
-"""Checkpoints and run-directory files: atomic writes, checksums, and loading that runs no code.
+"""The run directory on disk: atomic files, the run's JSON files, and checksummed checkpoints.
+
+Everything ``densenet train`` leaves in a run directory (docs/run-directory.md) is written here,
+and everything later commands read from one comes through here. Nothing in this module knows
+about models or training: it stores bytes, JSON and tensors.
 
 A checkpoint file is ``torch.save`` of a small envelope::
 
@@ -35,8 +39,10 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` so that ``path`` holds either its old or its new content, never a mix.
 
-    Temporary file in the same directory, flush + fsync, rename over the target, fsync the
-    directory. A full disk (ENOSPC) raises before the rename, leaving the old file intact.
+    Temporary file ``.NAME.*.tmp`` in the same directory, flush + fsync, rename over the target,
+    fsync the directory. A full disk (ENOSPC) raises before the rename, leaving the old file
+    intact; a kill before the rename leaves the old file and a stale temporary file, which
+    :func:`remove_stale_temporaries` deletes.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,7 +53,6 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        _crash_test_hook()
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -58,25 +63,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-_writes = 0
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> None:
+    """Delete the temporary files a kill in the middle of an atomic write left behind."""
+    for stale in Path(directory).glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def _crash_test_hook() -> None:
-    """DENSENET_KILL_IN_WRITE=N: SIGKILL this process in its N-th atomic write, after the
-    temporary file is complete and before the rename (the kill tests use it)."""
-    global _writes
-    target = os.environ.get("DENSENET_KILL_IN_WRITE")
-    if target:
-        _writes += 1
-        if _writes == int(target):
-            import signal
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -92,12 +96,33 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+# ----------------------------------------------------------------------------- the run's JSON files
+
+def write_metrics(run_dir: str | os.PathLike, history: list[dict]) -> None:
+    """``metrics.jsonl``: one JSON object per finished epoch."""
+    atomic_write_text(Path(run_dir) / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+def read_json(path: str | os.PathLike):
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path} is not readable JSON ({e}).") from None
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The rows of a ``metrics.jsonl`` file (blank lines skipped)."""
+    path = Path(path)
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            raise UsageError(f"{path} line {i + 1} is not JSON.") from None
+    return rows
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -168,10 +193,15 @@ def _open_envelope(envelope: dict, path: Path) -> dict:
     return _safe_torch_load(io.BytesIO(data), path)
 
 
+def is_checkpoint(obj: Any) -> bool:
+    """Whether a loaded file is one of this package's checkpoints (a model description inside)."""
+    return isinstance(obj, dict) and "state_dict" in obj and isinstance(obj.get("model"), dict)
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load one of this package's checkpoints (verified); anything else is a clear error."""
     obj = read_file(path)
-    if not (isinstance(obj, dict) and "model" in obj and "state_dict" in obj):
+    if not is_checkpoint(obj):
         raise UsageError(
             f"{path} is not a densenet checkpoint (no model description inside). For torchvision "
             f"or timm weights use --weights FILE with --model NAME."
@@ -190,59 +220,3 @@ def resolve_checkpoint_path(path: str | os.PathLike, prefer: str = "best") -> Pa
     if not path.exists():
         raise UsageError(f"{path} does not exist; give a run directory or a checkpoint file.")
     return path
-
-
-# ----------------------------------------------------------------------------- foreign weights
-
-def extract_state_dict(obj: Any, path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The model weights inside a torchvision, timm, Lightning/DDP or densenet file."""
-    if isinstance(obj, dict) and "state_dict" in obj and "model" in obj and isinstance(obj["model"], dict):
-        obj = obj["state_dict"]  # ours
-    elif isinstance(obj, dict):
-        for key in ("state_dict_ema", "state_dict", "model_state_dict", "model"):
-            if key in obj and isinstance(obj[key], dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UsageError(
-            f"{path}: unknown checkpoint format; expected a state_dict of tensors (torchvision, "
-            f"timm) or a densenet checkpoint."
-        )
-    prefixes = ("module.", "_orig_mod.", "model.")
-    out = {}
-    for k, v in obj.items():
-        for p in prefixes:
-            if k.startswith(p):
-                k = k[len(p):]
-        out[k] = v
-    return out
-
-
-def load_weights_into(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Load weights from a local file into ``model`` strictly, with a clear error on mismatch."""
-    state = extract_state_dict(read_file(path), path)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()
-        raise UsageError(
-            f"the weights in {path} do not fit this model ({' '.join(first[:3])[:400]}). "
-            f"Check that --model names the architecture the file was trained with."
-        ) from None
-
-
-# ----------------------------------------------------------------------------- models from runs
-
-def build_model(payload: dict) -> torch.nn.Module:
-    """The model a densenet checkpoint describes, with its weights loaded (eval mode)."""
-    from .model import create_model
-    spec = payload["model"]
-    model = create_model(spec["name"], **spec.get("overrides", {}))
-    model.load_state_dict(payload["state_dict"], strict=True)
-    return model.eval()
-
-
-def load_model(path: str | os.PathLike, prefer: str = "best") -> tuple[torch.nn.Module, dict]:
-    """(model, payload) from a run directory or a densenet checkpoint file."""
-    payload = load_checkpoint(resolve_checkpoint_path(path, prefer))
-    return build_model(payload), payload
