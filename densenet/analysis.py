@@ -1,4 +1,4 @@
-"""The paper's analyses on any model or trained run (SPEC section 7).
+"""The paper's analyses on any model or trained run (Table 1, Figures 3-5, Table 2).
 
 - :func:`summary`: Table 1's layout for any model - each stage with its output size, channels,
   layers, parameters and multiply-adds.
@@ -16,7 +16,6 @@ against ``torch.utils.flop_counter`` on a real forward pass.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -24,8 +23,11 @@ import torch
 import torch.nn as nn
 
 from .errors import UsageError
+from .inference import load_model
 from .model import DenseBlock, DenseNet, Transition, create_model, list_models, model_info
 from .paper import RECIPE_COLUMNS, paper_error
+from .plots import plot_curves, plot_feature_reuse, plot_tradeoff
+from .rundir import atomic_write_json, read_json, read_metrics
 
 __all__ = ["summary", "models_table", "feature_reuse", "load_run", "report"]
 
@@ -198,7 +200,7 @@ def models_table() -> list[dict]:
     return out
 
 
-def _si(n: float) -> str:
+def format_si(n: float) -> str:
     for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= div:
             return f"{n / div:.2f}{unit}"
@@ -214,11 +216,11 @@ def format_summary(s: dict) -> str:
         h, w = r["output_size"]
         lines.append(f"{r['stage']:<24} {f'{h}x{w}':>9} {r['in_channels']:>6} {r['out_channels']:>6} "
                      f"{'' if r['layers'] is None else r['layers']:>6} {r['depth']:>5} "
-                     f"{r['params']:>12,} {_si(r['macs']):>9}  {r['composition']}")
+                     f"{r['params']:>12,} {format_si(r['macs']):>9}  {r['composition']}")
     t = s["totals"]
     lines.append("-" * len(cols))
     lines.append(f"{'total':<24} {'':>9} {'':>6} {'':>6} {'':>6} {t['depth']:>5} {t['params']:>12,} "
-                 f"{_si(t['macs']):>9}  ({t['macs']:,} multiply-adds)")
+                 f"{format_si(t['macs']):>9}  ({t['macs']:,} multiply-adds)")
     return "\n".join(lines)
 
 
@@ -278,8 +280,6 @@ def feature_reuse(model: DenseNet) -> list[dict]:
 
 def analyze(source: str | Path, out: str | Path, json_path: str | Path | None = None) -> dict:
     """Figure 5 of a run directory or checkpoint: the heat map PNG and (optionally) its JSON."""
-    from .checkpoint import atomic_write_json, load_model
-    from .plots import plot_feature_reuse
     model, payload = load_model(source)
     name = payload["model"]["name"]
     blocks = feature_reuse(model)
@@ -296,13 +296,6 @@ def analyze(source: str | Path, out: str | Path, json_path: str | Path | None = 
 
 # ----------------------------------------------------------------------------- runs
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{path} is not readable JSON ({e}).") from None
-
-
 def load_run(path: str | Path) -> dict:
     """A training run directory: its config, result (None while running) and metrics rows."""
     path = Path(path)
@@ -311,17 +304,9 @@ def load_run(path: str | Path) -> dict:
     if not path.is_dir():
         raise UsageError(f"{path} is not a directory; give a training run directory "
                          f"(made by 'densenet train --out RUN_DIR').")
-    config = _read_json(path / "config.json") if (path / "config.json").is_file() else None
-    result = _read_json(path / "result.json") if (path / "result.json").is_file() else None
-    metrics = []
-    if (path / "metrics.jsonl").is_file():
-        for i, line in enumerate((path / "metrics.jsonl").read_text().splitlines()):
-            if not line.strip():
-                continue
-            try:
-                metrics.append(json.loads(line))
-            except ValueError:
-                raise UsageError(f"{path / 'metrics.jsonl'} line {i + 1} is not JSON.") from None
+    config = read_json(path / "config.json") if (path / "config.json").is_file() else None
+    result = read_json(path / "result.json") if (path / "result.json").is_file() else None
+    metrics = read_metrics(path / "metrics.jsonl") if (path / "metrics.jsonl").is_file() else []
     if config is None and result is None and not metrics:
         raise UsageError(f"{path} is not a training run directory: it has no config.json, "
                          f"result.json or metrics.jsonl.")
@@ -453,7 +438,6 @@ def _tradeoff_points(runs: list[dict], kind: str) -> tuple[list, str]:
 
 def plot_runs(paths: Sequence[str | Path], out: str | Path, kind: str = "curves") -> None:
     """Figure 4 style: training curves of runs overlaid, or error against params/FLOPs."""
-    from .plots import plot_curves, plot_tradeoff
     runs = [load_run(p) for p in paths]
     if kind == "curves":
         for run in runs:
@@ -465,98 +449,3 @@ def plot_runs(paths: Sequence[str | Path], out: str | Path, kind: str = "curves"
     points, label = _tradeoff_points(runs, kind)
     xlabel = "parameters" if kind == "params" else "FLOPs (multiply-adds per image)"
     plot_tradeoff(points, out, xlabel=xlabel)
-
-
-# ----------------------------------------------------------------------------- command line
-
-def _print_json(obj) -> None:
-    print(json.dumps(obj, indent=2))
-
-
-def _cmd_models(args) -> int:
-    table = models_table()
-    if args.json:
-        _print_json(table)
-        return 0
-    print(f"{'name':<20} {'params':>12} {'MACs':>9} {'input':>5}  description")
-    for r in table:
-        print(f"{r['name']:<20} {r['params']:>12,} {_si(r['macs']):>9} {r['input_size']:>5}  {r['description']}")
-    print("\nMACs: multiply-adds of one forward pass at the input size (convolutions and the "
-          "classifier). Any CIFAR shape also works by name: densenet_bc{L}_k{k}, densenet{L}_k{k}.")
-    return 0
-
-
-def _cmd_summary(args) -> int:
-    s = summary(args.name, input_size=args.input_size, num_classes=args.num_classes)
-    if args.json:
-        _print_json(s)
-    else:
-        print(format_summary(s))
-    return 0
-
-
-def _cmd_analyze(args) -> int:
-    result = analyze(args.source, args.out, args.json)
-    for b in result["blocks"]:
-        print(f"{b['name']}: {b['sources']} sources x {len(b['targets'])} targets (last: {b['targets'][-1]})")
-    print(f"wrote {args.out}" + (f" and {args.json}" if args.json else ""))
-    return 0
-
-
-def _cmd_plot(args) -> int:
-    plot_runs(args.runs, args.out, args.kind)
-    print(f"wrote {args.out}")
-    return 0
-
-
-def _cmd_report(args) -> int:
-    rows = report(args.runs)
-    if args.json:
-        _print_json(rows)
-    else:
-        print(format_report(rows, markdown=args.markdown))
-    return 0
-
-
-def register(sub) -> None:
-    from .cli import positive_int
-    p = sub.add_parser("models", help="every registered model with parameters and FLOPs",
-                       description="Every registered model: parameters, multiply-adds at its "
-                       "native input size, input size.")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_cmd_models)
-
-    p = sub.add_parser("summary", help="the paper's Table 1 for any model",
-                       description="Table 1's layout for any model: each stage with output size, "
-                       "channels, layers, parameters and multiply-adds, and the totals.")
-    p.add_argument("name", help="model name ('densenet models'), or densenet_bc{L}_k{k} / densenet{L}_k{k}")
-    p.add_argument("--input-size", type=positive_int, help="input side in pixels (default: the model's)")
-    p.add_argument("--num-classes", type=positive_int, help="classifier outputs (default: the model's)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_cmd_summary)
-
-    p = sub.add_parser("analyze", help="feature-reuse heat map of a trained net (Figure 5)",
-                       description="Figure 5 of the paper for a run or checkpoint: per dense block, "
-                       "the mean absolute weight with which each layer reads each earlier layer, "
-                       "with the transition / classification layer as the last column.")
-    p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT")
-    p.add_argument("--out", required=True, metavar="FIG.png")
-    p.add_argument("--json", metavar="FILE", help="also write the matrices as JSON")
-    p.set_defaults(func=_cmd_analyze)
-
-    p = sub.add_parser("plot", help="training curves, or error vs parameters/FLOPs, of runs",
-                       description="Figure 4 style plots of run directories: training curves "
-                       "overlaid (--kind curves), or error against parameters or FLOPs.")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("--out", required=True, metavar="FIG.png")
-    p.add_argument("--kind", choices=["curves", "params", "flops"], default="curves")
-    p.set_defaults(func=_cmd_plot)
-
-    p = sub.add_parser("report", help="Table 2 of your runs beside the paper's numbers",
-                       description="One row per run: model, depth L, growth rate k, parameters, "
-                       "recipe, validation and test error, and the paper's error for the same "
-                       "model and recipe (Table 2, or Table 3 for imagenet).")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("--markdown", action="store_true", help="a Markdown table")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_cmd_report)

@@ -29,9 +29,11 @@ import time
 import torch
 import torch.nn as nn
 
+from . import kernels
 from .errors import UsageError
+from .model import create_model, model_info
 
-# The issue's configurations: (model, batch for training, batch for inference, image size)
+# Configurations: (model, batch for training, batch for inference, image size)
 CONFIGS = {
     "densenet_bc100_k12": (64, 256, 32),
     "densenet121": (16, 16, 224),
@@ -45,7 +47,6 @@ def build(model_name: str, variant: str, device: str = "cpu") -> nn.Module:
     """``ours`` (efficient path), ``ours-ref``, ``tv`` (torchvision, plain) or ``tv-me``
     (torchvision, memory_efficient=True); all with the weights of ``create_model(name)`` under
     seed 0, so every variant computes the same function."""
-    from .model import create_model
     torch.manual_seed(0)
     ours = create_model(model_name)
     if variant in ("ours", "ours-ref"):
@@ -55,7 +56,7 @@ def build(model_name: str, variant: str, device: str = "cpu") -> nn.Module:
         growth_rate=ours.growth_rate, block_config=ours.block_config,
         num_init_features=ours.features.conv0.out_channels, bn_size=4, drop_rate=0,
         num_classes=ours.classifier.out_features, memory_efficient=variant == "tv-me")
-    if ours.stem == "cifar":  # the issue's CIFAR shape of torchvision's class
+    if ours.stem == "cifar":  # torchvision's class in the CIFAR shape: 3x3 stem, no pooling
         tv.features.conv0 = nn.Conv2d(3, tv.features.conv0.out_channels, 3, padding=1, bias=False)
         tv.features.norm0 = tv.features.relu0 = tv.features.pool0 = nn.Identity()
     tv.load_state_dict(ours.state_dict(), strict=True)
@@ -117,7 +118,6 @@ def measure(model_name: str, variant: str, mode: str, batch: int, size: int, lay
         if i >= warmup:
             times.append(time.perf_counter() - t)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result = dict(model=model_name, variant=variant, mode=mode, batch=batch, size=size,
                   layout=layout, times=[round(t, 4) for t in times],
                   images_per_s=batch / statistics.median(times),
@@ -132,11 +132,9 @@ def measure(model_name: str, variant: str, mode: str, batch: int, size: int, lay
         else:
             # our buffer pool (kernels.huge_empty) emptied first, so the buffers it keeps count
             # from their allocation in this step on, as live memory, idle or not
-            from . import kernels
             kernels.release_buffers()
             result["peak_mib"] = _peak_step_bytes(step) / 2**20
     result["rss_peak_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
-    del rss_before
     return result
 
 
@@ -247,46 +245,43 @@ def environment(device: str) -> dict:
 
 # ----------------------------------------------------------------------------- command
 
-def run(args) -> int:
-    if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
+def run_bench(model: str | None = None, batch_size: int | None = None,
+              infer_batch_size: int | None = None, steps: int = 5, warmup: int = 3,
+              repeats: int = 2, device: str = "auto", depths=DEPTHS, depth_reference: bool = False,
+              depth_only: bool = False, plot: str | None = None, log=print) -> dict:
+    """The whole benchmark: each model against torchvision (``compare``), then peak memory
+    against depth (``memory_vs_depth``, for the ``depths`` given) with a linear fit and an
+    optional plot. Returns the report (``format_report`` prints it); ``log`` gets progress."""
+    if steps < 1 or warmup < 0 or repeats < 1:
         raise UsageError("--steps and --repeats must be at least 1, --warmup at least 0.")
-    device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but no CUDA GPU is available; use --device cpu.")
-    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
-    if args.model is not None:
-        from .model import model_info
-        info = model_info(args.model)  # raises a UsageError naming the known models
-        tb, ib, size = CONFIGS.get(args.model, (64, 256, info.input_size))
-        configs = {args.model: (args.batch_size or tb, args.infer_batch_size or ib, info.input_size)}
+    if model is not None:
+        info = model_info(model)  # raises a UsageError naming the known models
+        tb, ib, _ = CONFIGS.get(model, (64, 256, info.input_size))
+        configs = {model: (batch_size or tb, infer_batch_size or ib, info.input_size)}
     else:
-        configs = {m: (args.batch_size or tb, args.infer_batch_size or ib, s) for m, (tb, ib, s) in CONFIGS.items()}
+        configs = {m: (batch_size or tb, infer_batch_size or ib, s) for m, (tb, ib, s) in CONFIGS.items()}
     env = environment(device)
     log(f"densenet bench: torch {env['torch']}, torchvision {env['torchvision']}, {env['cpu_count']} CPUs, "
-        f"{env['threads']} threads, device {device}; {args.warmup} warm-up + {args.steps} timed steps, "
-        f"{args.repeats} interleaved repeats")
-    report = dict(environment=env, command="densenet bench " + " ".join(getattr(args, "argv", [])[1:]),
-                  results=[])
-    if not args.depth_only:
+        f"{env['threads']} threads, device {device}; {warmup} warm-up + {steps} timed steps, "
+        f"{repeats} interleaved repeats")
+    report = dict(environment=env, results=[])
+    if not depth_only:
         for name, (tb, ib, size) in configs.items():
-            report["results"].append(compare(name, tb, ib, size, args.steps, args.warmup, args.repeats,
-                                             device, log))
-    if args.depths:
-        depths = [int(d) for d in args.depths.split(",")]
-        rows = memory_vs_depth(depths, 64, 1, device, ("ours", "ours-ref") if args.depth_reference else ("ours",), log)
+            report["results"].append(compare(name, tb, ib, size, steps, warmup, repeats, device, log))
+    if depths:
+        rows = memory_vs_depth(list(depths), 64, 1, device,
+                               ("ours", "ours-ref") if depth_reference else ("ours",), log)
         ours = [r for r in rows if r["variant"] == "ours"]
         a, b, worst = fit_line([r["depth"] for r in ours], [r["peak_mib"] for r in ours])
         report["memory_vs_depth"] = dict(rows=rows, fit=dict(intercept_mib=a, mib_per_depth=b,
                                                              worst_relative_residual=worst))
-        if args.plot:
-            plot_memory(rows, args.plot)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(format_report(report))
-    return 0
+        if plot:
+            plot_memory(rows, plot)
+    return report
 
 
 def format_report(report) -> str:
@@ -315,26 +310,3 @@ def format_report(report) -> str:
         lines.append(f"  linear fit (efficient): {f['intercept_mib']:.0f} MiB + {f['mib_per_depth']:.2f} MiB x L, "
                      f"worst relative residual {f['worst_relative_residual']:.3f}")
     return "\n".join(lines)
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="speed and memory against torchvision's DenseNet",
-                              description="Our DenseNet against torchvision's DenseNet class, same "
-                              "architecture and weights: training and inference images/s and peak "
-                              "training memory, each configuration in a fresh subprocess, interleaved.")
-    p.add_argument("--model", help="one model (default: densenet_bc100_k12 and densenet121)")
-    p.add_argument("--batch-size", type=int, help="training batch (default 64 CIFAR, 16 ImageNet)")
-    p.add_argument("--infer-batch-size", type=int, help="inference batch (default 256 CIFAR, 16 ImageNet)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per run (default 5)")
-    p.add_argument("--warmup", type=int, default=3, help="warm-up steps per run (default 3: a fresh "
-                   "process's first steps are slow with page faults, for every variant)")
-    p.add_argument("--repeats", type=int, default=2, help="interleaved runs per variant (default 2)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    p.add_argument("--depths", default=",".join(map(str, DEPTHS)),
-                   help="DenseNet-BC k=12 depths for the memory-vs-depth sweep ('' to skip)")
-    p.add_argument("--depth-reference", action="store_true",
-                   help="also sweep the reference (plain) implementation (quadratic memory)")
-    p.add_argument("--depth-only", action="store_true", help="only the memory-vs-depth sweep")
-    p.add_argument("--plot", help="write the memory-vs-depth plot to this PNG file")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=run)

@@ -1,7 +1,8 @@
 """Several processes and machines: torchrun + DistributedDataParallel.
 
-``torchrun --nproc_per_node N -m densenet train ...`` sets RANK / WORLD_SIZE / LOCAL_RANK;
-``densenet train --nproc N`` launches exactly that on one machine. Backend: nccl on CUDA, gloo
+``torchrun --nproc_per_node N -m densenet train ...`` sets RANK / WORLD_SIZE / LOCAL_RANK
+(``densenet train --nproc N`` launches exactly that on one machine); :func:`init_from_env`
+joins that process group. Backend: nccl on CUDA, gloo
 on CPU. PyTorch's own ``nn.SyncBatchNorm`` refuses CPU tensors, so this module has a
 synchronised BatchNorm that works on both (needed for the CPU tests, and for CPU clusters).
 """
@@ -9,15 +10,12 @@ synchronised BatchNorm that works on both (needed for the CPU tests, and for CPU
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -141,19 +139,3 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
         else:
             convert_sync_batchnorm(child)
     return module
-
-
-# ----------------------------------------------------------------------------- launcher
-
-def launch(nproc: int, argv: list[str]) -> int:
-    """``densenet train --nproc N ...``: run torchrun on this machine with the same arguments."""
-    if nproc < 1:
-        raise UsageError(f"--nproc must be at least 1, got {nproc}.")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "densenet", *argv]
-    proc = subprocess.run(cmd)
-    if proc.returncode != 0:
-        print(f"densenet: error: a training process failed (exit code {proc.returncode}); the "
-              f"whole job stopped. The run directory keeps its last checkpoint; continue with "
-              f"--resume RUN_DIR.", file=sys.stderr)
-    return proc.returncode

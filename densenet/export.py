@@ -12,7 +12,6 @@ import contextlib
 import io
 import json
 import os
-import sys
 import warnings
 from pathlib import Path
 
@@ -68,7 +67,7 @@ def _batch_dim():
 
 
 def _write_onnx(model, example, path: Path, meta: str) -> None:
-    onnx = _require_onnx()
+    onnx = require_onnx()
     torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["images"],
                       output_names=["logits"], dynamic_shapes=({0: _batch_dim()},),
                       external_data=False, verbose=False)
@@ -95,7 +94,7 @@ _WRITERS = {"onnx": _write_onnx, "torchscript": _write_torchscript,
             "exported-program": _write_exported_program}
 
 
-def _require_onnx():
+def require_onnx():
     missing = []
     for name in ("onnx", "onnxscript", "onnxruntime"):
         try:
@@ -114,7 +113,7 @@ def load_exported(fmt: str, path: str | os.PathLike):
     """A callable ``images (N, C, H, W) float32 tensor -> logits tensor`` from an exported file."""
     path = str(path)
     if fmt == "onnx":
-        _require_onnx()
+        require_onnx()
         import onnxruntime as ort
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         return lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
@@ -141,41 +140,3 @@ def verify(fmt: str, path: str | os.PathLike, model: torch.nn.Module, in_channel
             x = torch.randn(n, in_channels, size, size, generator=gen)
             diff = max(diff, (run(x).float() - model(x).float()).abs().max().item())
     return diff
-
-
-# ----------------------------------------------------------------------------- command line
-
-def _cmd_export(args) -> int:
-    if args.format == "onnx":
-        _require_onnx()  # before any work
-    loaded = load_for_inference(args.source, weights=args.weights, model=args.model)
-    report = export(loaded, args.format, args.out, args.tolerance)
-    mb = report["bytes"] / 1e6
-    check = "onnxruntime" if args.format == "onnx" else "the reloaded file"
-    print(f"wrote {report['out']} ({args.format}, {mb:.1f} MB, dynamic batch axis)")
-    print(f"{check} vs PyTorch on random inputs (batch {' and '.join(map(str, CHECK_BATCHES))}): "
-          f"max abs logit difference {report['max_abs_diff']:.3g} "
-          f"(tolerance {report['tolerance']:g}): {'OK' if report['ok'] else 'FAILED'}")
-    if not report["ok"]:
-        print(f"densenet: error: the exported model differs from PyTorch by more than the "
-              f"tolerance; do not ship {report['out']} (kept for inspection).", file=sys.stderr)
-        return 1
-    return 0
-
-
-def register(sub) -> None:
-    from .cli import positive_float
-    p = sub.add_parser("export", help="export to ONNX, TorchScript or an ExportedProgram, verified",
-                       description="Export a run's model (dynamic batch axis) and check the "
-                       "written file against PyTorch on random inputs; exits 1 if the max abs "
-                       "logit difference exceeds the tolerance.")
-    p.add_argument("source", nargs="?", metavar="RUN_DIR_OR_CHECKPOINT")
-    p.add_argument("--weights", metavar="FILE", help="a torchvision or timm state-dict file (needs --model)")
-    p.add_argument("--model", help="the architecture of --weights, e.g. densenet121")
-    p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--out", required=True, metavar="FILE",
-                   help="output file (e.g. model.onnx, model.torchscript.pt, model.pt2)")
-    p.add_argument("--tolerance", type=positive_float,
-                   help=f"max abs logit difference allowed (default: "
-                        f"{', '.join(f'{k} {v:g}' for k, v in TOLERANCE.items())})")
-    p.set_defaults(func=_cmd_export)

@@ -16,14 +16,29 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from .checkpoint import (build_model, extract_state_dict, load_checkpoint, read_file,
-                         resolve_checkpoint_path)
+from . import data as data_mod
 from .errors import UsageError
-from .evaluate import evaluate_batches, evaluate_ten_crop, resolve_device
+from .metrics import evaluate_batches, evaluate_ten_crop
 from .model import DenseNet, create_model, model_info
+from .rundir import load_checkpoint, read_file, resolve_checkpoint_path
+from .weights import extract_state_dict, load_strict
 
 
 # ----------------------------------------------------------------------------- loading
+
+def build_model(payload: dict) -> DenseNet:
+    """The model a densenet checkpoint describes, with its weights loaded (eval mode)."""
+    spec = payload["model"]
+    model = create_model(spec["name"], **spec.get("overrides", {}))
+    model.load_state_dict(payload["state_dict"], strict=True)
+    return model.eval()
+
+
+def load_model(path: str | Path, prefer: str = "best") -> tuple[DenseNet, dict]:
+    """(model, payload) from a run directory or a densenet checkpoint file."""
+    payload = load_checkpoint(resolve_checkpoint_path(path, prefer))
+    return build_model(payload), payload
+
 
 @dataclass
 class Loaded:
@@ -64,18 +79,16 @@ def load_for_inference(source: str | None = None, *, weights: str | None = None,
 
 
 def _load_foreign(weights: str, name: str) -> Loaded:
-    from .checkpoint import load_weights_into
     info = model_info(name)
     state = extract_state_dict(_unreadable_is_usage_error(read_file, weights), weights)
     head = state.get("classifier.weight")
     overrides = {"num_classes": int(head.shape[0])} if head is not None and head.ndim == 2 else {}
     net = create_model(name, **overrides)
-    load_weights_into(net, weights)
+    load_strict(net, state, weights)
     if info.input_size >= 64:
-        from .data import IMAGENET_MEAN, IMAGENET_STD
         pre = {"kind": "imagenet", "input_size": info.input_size,
-               "resize": round(info.input_size * 256 / 224), "mean": IMAGENET_MEAN,
-               "std": IMAGENET_STD}
+               "resize": round(info.input_size * 256 / 224), "mean": data_mod.IMAGENET_MEAN,
+               "std": data_mod.IMAGENET_STD}
     else:  # a small-image net: its normalisation is not in the file (eval takes the data's)
         pre = {"kind": "small", "input_size": info.input_size, "resize": None, "mean": None,
                "std": None}
@@ -267,7 +280,6 @@ def evaluate(loaded: Loaded, data: str, split: str | None = None, ten_crop: bool
     corners and centre, and their mirrors; softmax averaged); the single-crop numbers then come
     from the centre crop of the same pass.
     """
-    from . import data as data_mod
     ds = data_mod.open_dataset(data)
     split, part = _pick_split(ds, split)
     device = torch.device(device)
@@ -323,80 +335,3 @@ def format_result(r: dict) -> str:
             lines.append(f"{label:<12} {100 * r[key]['top1_error']:>9.2f}% "
                          f"{100 * r[key]['top5_error']:>9.2f}%")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- command line
-
-def _add_source(p) -> None:
-    p.add_argument("source", nargs="?", metavar="RUN_DIR_OR_CHECKPOINT",
-                   help="a training run directory (its best.pt) or a checkpoint file")
-    p.add_argument("--weights", metavar="FILE",
-                   help="a torchvision or timm state-dict file instead (needs --model)")
-    p.add_argument("--model", help="the architecture of --weights, e.g. densenet121")
-
-
-def _cmd_eval(args) -> int:
-    loaded = load_for_inference(args.source, weights=args.weights, model=args.model)
-    result = evaluate(loaded, args.data, args.split, args.ten_crop, args.batch_size,
-                      resolve_device(args.device), args.workers)
-    if args.json == "-":
-        print(json.dumps(result, indent=2))
-        return 0
-    print(format_result(result))
-    if args.json:
-        from .checkpoint import atomic_write_json
-        atomic_write_json(args.json, result)
-    return 0
-
-
-def _cmd_predict(args) -> int:
-    if args.weights is not None:  # no run directory then: the first positional is an image
-        args.images, args.source = [args.source, *args.images], None
-    if not args.images:
-        raise UsageError("give one or more IMAGE files to classify.")
-    loaded = load_for_inference(args.source, weights=args.weights, model=args.model)
-    results = predict(loaded, args.images, args.topk, device=resolve_device(args.device))
-    if args.json:
-        print(json.dumps([{"image": r["image"], "top": [{"class": c, "probability": p}
-                                                        for c, p in r["top"]]} for r in results],
-                         indent=2))
-        return 0
-    for r in results:
-        print(r["image"])
-        for name, p in r["top"]:
-            print(f"  {p:7.4f}  {name}")
-    return 0
-
-
-def register(sub) -> None:
-    from .cli import positive_int
-    p = sub.add_parser("eval", help="top-1/top-5 error of a trained model (single crop, 10-crop)",
-                       description="Top-1 and top-5 error of a run's model on any data set "
-                       "'densenet train' reads. Classes are matched by name, so class folders "
-                       "may be in any order. Large images: Resize + CenterCrop, and with "
-                       "--ten-crop the paper's 10-crop (softmax averaged).")
-    _add_source(p)
-    p.add_argument("--data", required=True, help="CIFAR archive/folder, SVHN folder or class folders")
-    p.add_argument("--split", choices=SPLITS,
-                   help="which part to evaluate (default: test, else val, else all images)")
-    p.add_argument("--ten-crop", action="store_true",
-                   help="also the 10-crop error (ImageNet-size images only)")
-    p.add_argument("--batch-size", type=positive_int)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (large images)")
-    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
-                   help="print the numbers as JSON (or also write them to FILE)")
-    p.set_defaults(func=_cmd_eval)
-
-    p = sub.add_parser("predict", help="top-k classes of image files",
-                       description="The top-k class names with probabilities for each image "
-                       "(any size, any mode Pillow reads), preprocessed as the training data was.")
-    p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT",
-                   help="a training run directory or a checkpoint file (left out with --weights)")
-    p.add_argument("images", nargs="*", metavar="IMAGE")
-    p.add_argument("--weights", metavar="FILE", help="a torchvision or timm state-dict file (needs --model)")
-    p.add_argument("--model", help="the architecture of --weights, e.g. densenet121")
-    p.add_argument("--topk", type=positive_int, default=5)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_cmd_predict)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from densenet import DenseNet, create_model, list_models
 from densenet.analysis import feature_reuse, report, summary
-from densenet.checkpoint import save_checkpoint
+from densenet.rundir import save_checkpoint
 from densenet.cli import main
 from densenet.model import count_macs, count_parameters
 from densenet.plots import plot_curves

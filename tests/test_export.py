@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from densenet import create_model
-from densenet.checkpoint import save_checkpoint
+from densenet.rundir import save_checkpoint
 from densenet.errors import UsageError
 from densenet.export import export, load_exported
 from densenet.inference import load_for_inference

@@ -12,9 +12,9 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from densenet import create_model
-from densenet.checkpoint import load_checkpoint, save_checkpoint
+from densenet.rundir import load_checkpoint, save_checkpoint
 from densenet.errors import UsageError
-from densenet.evaluate import ten_crop_probabilities
+from densenet.metrics import ten_crop_probabilities
 from densenet.inference import (evaluate, image_transform, load_for_inference, open_image,
                                 predict, to_rgb)
 

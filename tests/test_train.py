@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from densenet.checkpoint import load_checkpoint
+from densenet.rundir import load_checkpoint
 from densenet.train import train
 
 TINY = "densenet_bc16_k4"  # 2 bottleneck layers per block: fast enough for many epochs in a test
@@ -65,12 +65,25 @@ def test_a_run_leaves_everything_in_its_directory(tmp_path, folder_data):
 
 
 def test_pooled_buffers_are_freed_before_and_after_each_validation(tmp_path, folder_data, monkeypatch):
-    from densenet import kernels
-    calls = []
-    real = kernels.release_buffers
-    monkeypatch.setattr(kernels, "release_buffers", lambda: calls.append(1) or real())
+    # the efficient path keeps its large buffers for reuse at the same sizes; validation runs
+    # at another batch size, so neither phase may find the other's buffers still held
+    from densenet import kernels, train as train_mod
+    held = []
+    real = train_mod.evaluate_batches
+
+    def validation(model, batches, *args, **kwargs):
+        def checked():
+            held.append(kernels.pooled_bytes())  # at the first batch: training buffers gone
+            yield from batches
+        out = real(model, checked(), *args, **kwargs)
+        held.append(kernels.pooled_bytes())  # after: so are the validation ones
+        return out
+
+    monkeypatch.setattr(train_mod, "evaluate_batches", validation)
+    monkeypatch.setattr(kernels, "POOL_MIN_BYTES", 1024)  # pool even this tiny model's buffers
     run(tmp_path, folder_data, "pool", epochs=2)
-    assert len(calls) == 4 and kernels.pooled_bytes() == 0
+    assert held == [0, 0, 0, 0] and kernels.pooled_bytes() == 0
+
 
 def test_recipe_settings_reach_the_optimizer(tmp_path, folder_data):
     run(tmp_path, folder_data, "run", epochs=4, lr=0.05)

@@ -1,50 +1,24 @@
-"""The ``densenet`` command: a thin layer over the Python API.
+"""The ``densenet`` command: argument parsing over the Python API, nothing else.
 
-Each command module registers its own sub-command (``register(subparsers)``) and sets
-``func``; this file only dispatches and turns user mistakes into a one-paragraph message.
+One module per group of sub-commands (``train.py``: train, recipes; ``inference.py``: eval,
+predict; ``export.py``; ``analysis.py``: models, summary, analyze, plot, report; ``bench.py``),
+each with ``register(subparsers)`` that adds its parsers and sets ``func``. This file builds the
+parser, dispatches, and turns a user's mistake (a :class:`~densenet.UsageError`) into a
+one-paragraph message with exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import math
 import os
 import sys
 import traceback
 
-from .errors import UsageError
+from ..errors import UsageError
+from . import analysis, bench, export, inference, train
 
-# Modules that each add sub-commands, in the order ``densenet --help`` lists them.
-COMMAND_MODULES = ["densenet.train", "densenet.inference", "densenet.export", "densenet.analysis", "densenet.bench"]
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0, with a message that says what was wrong."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
-def positive_int(text: str) -> int:
-    v = non_negative_int(text)
-    if v == 0:
-        raise argparse.ArgumentTypeError("must be at least 1, got 0")
-    return v
-
-
-def positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return v
+# In the order ``densenet --help`` lists them.
+COMMANDS = (train, inference, export, analysis, bench)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback when a command fails")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    for module in COMMANDS:
+        module.register(sub)
     return parser
 
 

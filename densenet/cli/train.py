@@ -1,0 +1,134 @@
+"""``densenet train`` and ``densenet recipes``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from .. import train as train_api
+from ..errors import UsageError
+from ..recipes import RECIPES, format_recipe, get_recipe
+from .types import DEVICES, non_negative_int, positive_float, positive_int
+
+# Options passed to densenet.train.train under their own names.
+RUN_OPTIONS = ("epochs", "batch_size", "lr", "seed", "device", "amp", "channels_last", "compile",
+               "sync_bn", "implementation", "max_steps", "workers", "quiet", "download")
+# What a resumed run keeps from its config.json, by flag.
+FIXED_ON_RESUME = {"model": "--model", "recipe": "--recipe", "data": "--data", "out": "--out",
+                   "epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "set": "--set"}
+
+
+def parse_set(items: list[str] | None) -> dict:
+    """``--set FIELD=VALUE`` items as a dict of strings."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UsageError(f"--set expects FIELD=VALUE, got {item!r} (e.g. --set val_size=0).")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _strip_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """``densenet train --nproc N ...``: torchrun on this machine with the same arguments."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "densenet", *argv]
+    proc = subprocess.run(cmd)
+    if proc.returncode != 0:
+        print(f"densenet: error: a training process failed (exit code {proc.returncode}); the "
+              f"whole job stopped. The run directory keeps its last checkpoint; continue with "
+              f"--resume RUN_DIR.", file=sys.stderr)
+    return proc.returncode
+
+
+def _cmd_train(args) -> int:
+    options = {k: getattr(args, k) for k in RUN_OPTIONS}
+    set_fields = parse_set(args.set)
+    if args.nproc:
+        if args.nproc > 1 and not (args.out or args.resume):
+            raise UsageError("give --out RUN_DIR with --nproc, so that every process writes to "
+                             "the same run directory.")
+        if not args.resume:  # check the arguments once, before starting any process
+            cfg = train_api.make_config(args.model, args.recipe or "quickstart", args.data, args.out,
+                                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                        set_fields=set_fields)
+            train_api.check_divisible(cfg.recipe.batch_size, args.nproc)
+        return launch(args.nproc, _strip_nproc(args.argv))
+    if args.resume:
+        given = [flag for name, flag in FIXED_ON_RESUME.items() if getattr(args, name)]
+        if given:
+            raise UsageError(f"{', '.join(given)} cannot change on --resume: the run keeps its own "
+                             f"config ({Path(args.resume) / 'config.json'}). Only --max-steps, "
+                             f"--device, --workers and --quiet can be given anew.")
+        train_api.train(resume=args.resume, max_steps=args.max_steps, quiet=args.quiet,
+                        device=args.device, workers=args.workers, sync_bn=args.sync_bn or None)
+        return 0
+    train_api.train(args.model, args.recipe or "quickstart", args.data, args.out,
+                    set_fields=set_fields, **options)
+    return 0
+
+
+def _cmd_recipes(args) -> int:
+    if args.show:
+        r = get_recipe(args.show)
+        if args.json:
+            print(json.dumps(r.to_dict(), indent=2))
+        else:
+            print(f"{r.name}: {r.description}\n")
+            print(format_recipe(r))
+        return 0
+    width = max(len(n) for n in RECIPES)
+    for r in RECIPES.values():
+        print(f"{r.name:<{width}}  {r.description}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a DenseNet (no arguments: the offline quickstart)",
+                       description="Train a DenseNet with one of the paper's recipes into a run "
+                       "directory. With no arguments: the quickstart on the embedded CIFAR-10 sample.")
+    p.add_argument("--model", help="model name (densenet list: 'densenet models'); default: the recipe's")
+    p.add_argument("--recipe", help="c10, c10+, c100, c100+, svhn, imagenet or quickstart (the default)")
+    p.add_argument("--data", help="data path: CIFAR archive/folder, SVHN .mat folder, or class folders")
+    p.add_argument("--download", action="store_true", help="fetch CIFAR/SVHN into --data if missing")
+    p.add_argument("--out", help="run directory (default: runs/RECIPE-MODEL-TIME)")
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int, help="global batch size")
+    p.add_argument("--lr", type=positive_float, help="initial learning rate")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="override any recipe field, e.g. --set val_size=0 --set augment=false")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--amp", choices=["bf16"], help="bfloat16 autocast")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--implementation", default="efficient", choices=["efficient", "reference"],
+                   help="dense-block path: memory-efficient (default) or the plain reference")
+    p.add_argument("--max-steps", type=positive_int, help="stop after this many steps (smoke runs)")
+    p.add_argument("--workers", type=non_negative_int, default=4, help="DataLoader workers (large images)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
+    p.add_argument("--nproc", type=positive_int,
+                   help="processes on this machine (launches torchrun; one per GPU)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="synchronise BatchNorm statistics over all processes")
+    p.add_argument("--quiet", action="store_true", help="no progress bars; one log line per epoch")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("recipes", help="list the training recipes or show one in full")
+    p.add_argument("--show", metavar="NAME")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_recipes)
