@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 
-from densenet.checkpoint import load_checkpoint
+from densenet.rundir import load_checkpoint
 
+from faults import fault_env
 from test_train import TINY, make_folder_data
 
 # lr 0.01: float32 rounding (SyncBatchNorm sums x and x*x over processes) stays near 1e-6 over
@@ -18,7 +19,7 @@ ARGS = ["--model", TINY, "--recipe", "c10", "--batch-size", "8", "--lr", "0.01",
 
 
 def densenet(*args, env=None, timeout=300):
-    e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    e = {**(env or os.environ), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "densenet", "train", *args], capture_output=True,
                           text=True, env=e, timeout=timeout)
 
@@ -71,7 +72,7 @@ def test_resume_with_a_different_number_of_processes(tmp_path, data):
 def test_a_dying_rank_stops_the_job_and_keeps_the_last_checkpoint(tmp_path, data):
     out = str(tmp_path / "run")
     p = densenet(*ARGS, "--data", str(data), "--epochs", "3", "--out", out, "--nproc", "2",
-                 env={"DENSENET_KILL_AT": "1:8"})  # rank 1 dies in epoch 2
+                 env=fault_env(kill_at=(1, 8)))  # rank 1 dies in epoch 2
     assert p.returncode != 0
     assert "a training process failed" in p.stderr
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")

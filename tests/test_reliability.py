@@ -17,10 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import densenet.train as train_mod
-from densenet.checkpoint import load_checkpoint
+from densenet.rundir import load_checkpoint
 from densenet.cli import main
 from densenet.train import train
 
+from faults import fault_env
 from test_train import TINY, make_folder_data
 
 RUN = ["--model", TINY, "--recipe", "c10+", "--batch-size", "8", "--epochs", "3", "--seed", "5",
@@ -58,7 +59,7 @@ def test_a_run_killed_at_random_moments_resumes_to_the_same_weights(tmp_path, da
     kills = 0
     # first a kill inside a checkpoint write (temporary file complete, rename not yet done) ...
     p = subprocess.run(_cmd(*RUN, "--data", str(data), "--out", str(run_dir)), timeout=300,
-                       env={**env, "DENSENET_KILL_IN_WRITE": "5"}, capture_output=True)
+                       env=fault_env(env, kill_in_write=5), capture_output=True)
     assert p.returncode == -signal.SIGKILL
     _assert_readable(run_dir)
     # ... then kills at random moments, resuming each time, then a resume left to finish
