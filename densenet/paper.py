@@ -1,4 +1,4 @@
-"""The paper's results as data (Huang et al., CVPR 2017; SPEC section 6).
+"""The paper's results as data (Huang et al., CVPR 2017: Tables 2 and 3).
 
 Errors are stored as the paper prints them, in percent; :func:`paper_error` returns the
 fraction used in every file of a run directory.

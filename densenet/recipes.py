@@ -1,4 +1,4 @@
-"""The paper's training recipes as data (SPEC section 5; paper section 4.2).
+"""The paper's training recipes as data (section 4.2 of the paper).
 
 A recipe holds every hyper-parameter of a training run except where the data lives and where
 the run goes. ``densenet recipes --show NAME`` prints one in full, and any field can be

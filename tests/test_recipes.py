@@ -1,4 +1,4 @@
-"""The paper's recipes as data (SPEC section 5) and how they reach the optimizer."""
+"""The paper's recipes as data (section 4.2 of the paper) and how they reach the optimizer."""
 
 import pytest
 
