@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import operator
 import os
 import platform
 import shutil
@@ -68,34 +69,44 @@ static inline void merge_$S(long c, double *restrict mu, double *restrict m2, do
     }
 }
 
-void col_stats_acc_$S(long m, long c, const $T *restrict x, long ldx, double *restrict state,
-                      int nt) {
-    /* state = [count, mean[c], m2[c]] (m2: sum of squared deviations), merged into */
-    double *part = calloc((size_t)nt * (2 * c + 1), sizeof(double));
+int col_stats_acc_$S(long m, long c, const $T *restrict x, long ldx, double *restrict state,
+                     int nt) {
+    /* state = [count, mean[c], m2[c]] (m2: sum of squared deviations), merged into; left as it
+       was when scratch cannot be allocated (returns 1) */
+    double *part = scratch_calloc((size_t)nt * (2 * c + 1), sizeof(double));
+    if (!part) return 1;
+    int fail = 0;
     #pragma omp parallel num_threads(nt)
     {
         int t = omp_get_thread_num(), n = omp_get_num_threads();
         double *mu = part + (long)t * (2 * c + 1), *m2 = mu + c, cnt = 0;
-        double *bmu = malloc(sizeof(double) * 2 * c), *bm2 = bmu + c;
-        long hi = m * (t + 1) / n;
-        for (long i0 = m * t / n; i0 < hi; i0 += 256) {
-            long r = hi - i0 < 256 ? hi - i0 : 256;
-            for (long j = 0; j < 2 * c; j++) bmu[j] = 0;
-            for (long i = i0; i < i0 + r; i++) {
-                const $T *restrict xi = x + i * ldx;
-                for (long j = 0; j < c; j++) bmu[j] += xi[j];
+        double *bmu = scratch_malloc(sizeof(double) * 2 * c);
+        if (!bmu) {
+            #pragma omp atomic write
+            fail = 1;
+        } else {
+            double *bm2 = bmu + c;
+            long hi = m * (t + 1) / n;
+            for (long i0 = m * t / n; i0 < hi; i0 += 256) {
+                long r = hi - i0 < 256 ? hi - i0 : 256;
+                for (long j = 0; j < 2 * c; j++) bmu[j] = 0;
+                for (long i = i0; i < i0 + r; i++) {
+                    const $T *restrict xi = x + i * ldx;
+                    for (long j = 0; j < c; j++) bmu[j] += xi[j];
+                }
+                for (long j = 0; j < c; j++) bmu[j] /= r;
+                for (long i = i0; i < i0 + r; i++) {
+                    const $T *restrict xi = x + i * ldx;
+                    for (long j = 0; j < c; j++) { double d = xi[j] - bmu[j]; bm2[j] += d * d; }
+                }
+                merge_$S(c, mu, m2, cnt, bmu, bm2, (double)r);
+                cnt += r;
             }
-            for (long j = 0; j < c; j++) bmu[j] /= r;
-            for (long i = i0; i < i0 + r; i++) {
-                const $T *restrict xi = x + i * ldx;
-                for (long j = 0; j < c; j++) { double d = xi[j] - bmu[j]; bm2[j] += d * d; }
-            }
-            merge_$S(c, mu, m2, cnt, bmu, bm2, (double)r);
-            cnt += r;
+            free(bmu);
         }
         m2[c] = cnt;
-        free(bmu);
     }
+    if (fail) { free(part); return 1; }
     for (int t = 0; t < nt; t++) {
         double *p = part + (long)t * (2 * c + 1);
         if (p[2 * c] > 0) {
@@ -104,6 +115,7 @@ void col_stats_acc_$S(long m, long c, const $T *restrict x, long ldx, double *re
         }
     }
     free(part);
+    return 0;
 }
 
 void copy_cols_$S(long m, long c, const $T *restrict src, long lds, $T *restrict dst, long ldd,
@@ -146,28 +158,39 @@ static void add_partial_sums_$S(long c, int nt, double *part, double *restrict s
     free(part);
 }
 
-void bn_relu_grad_$S(long m, long c, const $T *restrict x, long ldx, const $T *restrict g,
-                     long ldg, const $T *restrict scale, const $T *restrict shift,
-                     const $T *restrict mean, $T *restrict dx, long lddx, int assign,
-                     $T *restrict z, long ldz, double *restrict sums, int nt) {
-    /* per thread: $T partial sums over blocks of 64 rows, added into double totals */
-    double *part = calloc((size_t)nt * 2 * c, sizeof(double));
+int bn_relu_grad_$S(long m, long c, const $T *restrict x, long ldx, const $T *restrict g,
+                    long ldg, const $T *restrict scale, const $T *restrict shift,
+                    const $T *restrict mean, $T *restrict dx, long lddx, int assign,
+                    $T *restrict z, long ldz, double *restrict sums, int nt) {
+    /* per thread: $T partial sums over blocks of 64 rows, added into double totals (sums is
+       left as it was when scratch cannot be allocated: returns 1) */
+    double *part = scratch_calloc((size_t)nt * 2 * c, sizeof(double));
+    if (!part) return 1;
+    int fail = 0;
     #pragma omp parallel num_threads(nt)
     {
         int t = omp_get_thread_num(), n = omp_get_num_threads();
         double *dg = part + (long)t * 2 * c, *dxg = dg + c;
-        $T *ag = malloc(sizeof($T) * 2 * c), *axg = ag + c;
-        long hi = m * (t + 1) / n;
-        for (long i = m * t / n; i < hi; i += 64) {
-            long r = hi - i < 64 ? hi - i : 64;
-            for (long j = 0; j < 2 * c; j++) ag[j] = 0;
-            grad_rows_$S(r, c, x + i * ldx, ldx, g + i * ldg, ldg, scale, shift, mean,
-                         dx ? dx + i * lddx : 0, lddx, assign, z ? z + i * ldz : 0, ldz, ag, axg);
-            for (long j = 0; j < c; j++) { dg[j] += ag[j]; dxg[j] += axg[j]; }
+        $T *ag = scratch_malloc(sizeof($T) * 2 * c);
+        if (!ag) {
+            #pragma omp atomic write
+            fail = 1;
+        } else {
+            $T *axg = ag + c;
+            long hi = m * (t + 1) / n;
+            for (long i = m * t / n; i < hi; i += 64) {
+                long r = hi - i < 64 ? hi - i : 64;
+                for (long j = 0; j < 2 * c; j++) ag[j] = 0;
+                grad_rows_$S(r, c, x + i * ldx, ldx, g + i * ldg, ldg, scale, shift, mean,
+                             dx ? dx + i * lddx : 0, lddx, assign, z ? z + i * ldz : 0, ldz, ag, axg);
+                for (long j = 0; j < c; j++) { dg[j] += ag[j]; dxg[j] += axg[j]; }
+            }
+            free(ag);
         }
-        free(ag);
     }
+    if (fail) { free(part); return 1; }
     add_partial_sums_$S(c, nt, part, sums);
+    return 0;
 }
 
 void bn_grad_apply_$S(long m, long c, const $T *restrict x, long ldx, const $T *g, long ldg,
@@ -199,15 +222,21 @@ void col_affine_add_$S(long m, long c, const $T *restrict x, long ldx, const $T 
    monotone, the window maximum of the ReLU'd values is the ReLU of the window maximum of
    x * scale + shift, so neither the BN-ReLU output nor the pooling indices are ever stored.
    A NaN wins its window, as in PyTorch's max pooling. Parallel over output rows. */
-void bn_relu_maxpool_$S(long n, long h, long w, long c, const $T *restrict x,
-                        const $T *restrict scale, const $T *restrict shift, long kh, long kw,
-                        long sh, long sw, long ph, long pw, long oh, long ow, $T *restrict out,
-                        int nt) {
+int bn_relu_maxpool_$S(long n, long h, long w, long c, const $T *restrict x,
+                       const $T *restrict scale, const $T *restrict shift, long kh, long kw,
+                       long sh, long sw, long ph, long pw, long oh, long ow, $T *restrict out,
+                       int nt) {
+    int fail = 0;
     #pragma omp parallel num_threads(nt)
     {
-        $T *mx = malloc(sizeof($T) * c);
+        $T *mx = scratch_malloc(sizeof($T) * c);
+        if (!mx) {
+            #pragma omp atomic write
+            fail = 1;
+        }
         #pragma omp for schedule(static)
         for (long r = 0; r < n * oh; r++) {
+            if (!mx) continue;  /* every thread still takes part in the worksharing loop */
             long img = r / oh, oy = r % oh;
             long y0 = oy * sh - ph, y1 = y0 + kh;
             if (y0 < 0) y0 = 0;
@@ -231,6 +260,7 @@ void bn_relu_maxpool_$S(long n, long h, long w, long c, const $T *restrict x,
         }
         free(mx);
     }
+    return fail;
 }
 
 /* Its backward up to BN's input: g' (the pooled gradient gout routed to the first maximum of
@@ -238,20 +268,29 @@ void bn_relu_maxpool_$S(long n, long h, long w, long c, const $T *restrict x,
    mask) written to dx, all of dx (zero where nothing is routed); the column sums of g' and of
    (x - mean) * g' added to sums (double, 2 x c). Parallel over images: windows overlap within
    an image only. */
-void bn_relu_maxpool_grad_$S(long n, long h, long w, long c, const $T *restrict x,
-                             const $T *restrict scale, const $T *restrict shift,
-                             const $T *restrict mean, long kh, long kw, long sh, long sw, long ph,
-                             long pw, long oh, long ow, const $T *restrict gout,
-                             $T *restrict dx, double *restrict sums, int nt) {
-    double *part = calloc((size_t)nt * 2 * c, sizeof(double));
+int bn_relu_maxpool_grad_$S(long n, long h, long w, long c, const $T *restrict x,
+                            const $T *restrict scale, const $T *restrict shift,
+                            const $T *restrict mean, long kh, long kw, long sh, long sw, long ph,
+                            long pw, long oh, long ow, const $T *restrict gout,
+                            $T *restrict dx, double *restrict sums, int nt) {
+    double *part = scratch_calloc((size_t)nt * 2 * c, sizeof(double));
+    if (!part) return 1;
+    int fail = 0;
     #pragma omp parallel num_threads(nt)
     {
         int t = omp_get_thread_num();
         double *dg = part + (long)t * 2 * c, *dxg = dg + c;
-        $T *mx = malloc(sizeof($T) * 3 * c), *ag = mx + c, *axg = ag + c;
-        long *arg = malloc(sizeof(long) * c);
+        $T *mx = scratch_malloc(sizeof($T) * 3 * c);
+        long *arg = scratch_malloc(sizeof(long) * c);
+        int ok = mx && arg;
+        if (!ok) {
+            #pragma omp atomic write
+            fail = 1;
+        }
+        $T *ag = ok ? mx + c : 0, *axg = ok ? ag + c : 0;
         #pragma omp for schedule(static)
         for (long img = 0; img < n; img++) {
+            if (!ok) continue;  /* every thread still takes part in the worksharing loop */
             const $T *restrict xim = x + img * h * w * c;
             $T *restrict dim = dx + img * h * w * c;
             for (long i = 0; i < h * w * c; i++) dim[i] = 0;
@@ -292,13 +331,26 @@ void bn_relu_maxpool_grad_$S(long n, long h, long w, long c, const $T *restrict 
         free(mx);
         free(arg);
     }
+    if (fail) { free(part); return 1; }
     add_partial_sums_$S(c, nt, part, sums);
+    return 0;
 }
 """)
 
-_HEADER = "#include <math.h>\n#include <stdlib.h>\n#include <omp.h>\n"
+_HEADER = r"""#include <math.h>
+#include <stdlib.h>
+#include <omp.h>
+
+/* Scratch allocation that never asks for 0 bytes, so that NULL always means out of memory. The
+   functions that allocate return 0, or 1 when an allocation failed (then nothing is merged into
+   their accumulators; inside a parallel region the thread whose allocation failed skips its
+   work and sets the shared flag), and free all they allocated either way. */
+static inline void *scratch_malloc(size_t n) { return malloc(n ? n : 1); }
+static inline void *scratch_calloc(size_t n, size_t size) { return calloc(n ? n : 1, size ? size : 1); }
+"""
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared"]
 _TYPES = {torch.float32: ("float", "f32"), torch.float64: ("double", "f64")}
+_STATUS = ("col_stats_acc", "bn_relu_grad", "bn_relu_maxpool", "bn_relu_maxpool_grad")
 
 _lock = threading.Lock()
 _lib = None
@@ -360,6 +412,10 @@ def _build() -> ctypes.CDLL:
         getattr(lib, f"bn_relu_maxpool_{s}").argtypes = [L, L, L, L, P, P, P, L, L, L, L, L, L, L, L, P, I]
         getattr(lib, f"bn_relu_maxpool_grad_{s}").argtypes = [L, L, L, L, P, P, P, P, L, L, L, L, L, L,
                                                              L, L, P, P, P, I]
+        for name in _STATUS:  # these allocate scratch: 0, or nonzero when out of memory
+            getattr(lib, f"{name}_{s}").restype = ctypes.c_int
+        for name in ("bn_relu", "copy_cols", "bn_grad_apply", "col_affine_add"):
+            getattr(lib, f"{name}_{s}").restype = None
     return lib
 
 
@@ -397,19 +453,90 @@ def unavailable_reason() -> str | None:
 
 
 # ----------------------------------------------------------------------------- wrappers
-# Matrices are 2-D tensors with unit column stride (column slices of a row-major buffer);
-# per-column vectors are contiguous 1-D tensors of the same dtype.
+# Matrices are 2-D CPU tensors with unit column stride (column slices of a row-major buffer)
+# whose rows do not overlap; per-column vectors have one element per column and are used as
+# contiguous tensors of the matrices' dtype (converted when they are not). Every wrapper checks
+# all its arguments before it calls C and raises ValueError naming the kernel, the argument,
+# what it expected and what it got, rather than letting C read or write out of bounds. The
+# checks compare attributes only (no tensor ops): they run many times per training step.
 
-def _ld(t: torch.Tensor) -> int:
-    if t.dim() != 2 or (t.stride(1) != 1 and t.shape[1] > 1):
-        raise ValueError(f"kernel matrices need unit column stride, got strides {t.stride()}")
-    return t.stride(0)
+def _what(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def _vec(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def _describe(t) -> str:
+    if not isinstance(t, torch.Tensor):
+        return type(t).__name__
+    if t.layout is not torch.strided:
+        return f"a {t.layout} {t.dtype} {tuple(t.shape)} tensor on {t.device}"
+    kind = "contiguous" if t.is_contiguous() else f"non-contiguous (strides {t.stride()})"
+    return f"a {kind} {t.dtype} {tuple(t.shape)} tensor on {t.device}"
+
+
+def _not_cpu(name: str, arg: str, t: torch.Tensor):
+    raise ValueError(f"{name}: {arg} must be a CPU tensor, got one on {t.device}")
+
+
+def _mat(name: str, arg: str, t, like: torch.Tensor | None = None, ref: str = "x",
+         write: bool = False) -> int:
+    """The row stride of the matrix ``t`` (the argument ``arg`` of kernel ``name``), checked:
+    with ``like``, shaped and typed like it (the kernel's input, called ``ref``); without, a
+    float32/float64 (m, c) matrix (the input itself). Its rows may not overlap, except in a
+    matrix only read (not ``write``) with row stride 0: rows broadcast from one, as autograd
+    hands out the gradient of a sum."""
+    if like is None:
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            got = f"{t.dim()}-D {_what(t)}" if isinstance(t, torch.Tensor) else _what(t)
+            raise ValueError(f"{name}: {arg} must be a 2-D (m, c) matrix, got {got}")
+        if t.dtype not in _TYPES:
+            raise ValueError(f"{name}: {arg} must be float32 or float64, got {t.dtype}")
+    elif not isinstance(t, torch.Tensor) or t.shape != like.shape:
+        raise ValueError(f"{name}: {arg} must be a {tuple(like.shape)} matrix like {ref}, got {_what(t)}")
+    elif t.dtype != like.dtype:
+        raise ValueError(f"{name}: {arg} must be {like.dtype} like {ref}, got {t.dtype}")
+    if not t.is_cpu:
+        _not_cpu(name, arg, t)
+    (ld, cs), (m, c) = t.stride(), t.shape
+    if (cs != 1 and c > 1) or (ld < c and m > 1 and (write or ld != 0)):
+        if cs != 1 and c > 1:
+            raise ValueError(f"{name}: {arg} must have unit column stride, got strides {(ld, cs)}")
+        raise ValueError(f"{name}: {arg} must have a row stride of at least its {c} columns (rows "
+                         f"would overlap), got strides {(ld, cs)}")
+    return ld
+
+
+def _vec(name: str, arg: str, v, like: torch.Tensor, c: int, per: str = "column") -> torch.Tensor:
+    """The per-column vector ``v`` (``c`` elements, checked) as a contiguous tensor of ``like``'s
+    dtype: ``v`` itself when it is one (only its data pointer is used: no autograd, no copy -
+    the common case)."""
+    if not isinstance(v, torch.Tensor) or v.numel() != c:
+        got = f"{v.numel()} {_what(v)}" if isinstance(v, torch.Tensor) else _what(v)
+        raise ValueError(f"{name}: {arg} must have {c} elements (one per {per} of x), got {got}")
+    if not v.is_cpu:
+        _not_cpu(name, arg, v)
     if v.dtype == like.dtype and v.is_contiguous():
-        return v  # only its data pointer is used: no autograd, no copy (the common case)
+        return v
     return v.detach().to(like.dtype).contiguous()
+
+
+def _float64(name: str, arg: str, t, shape: tuple | None, numel: int, expected: str) -> torch.Tensor:
+    """``t``, checked to be a contiguous float64 CPU tensor of ``numel`` elements (and, unless
+    None, of ``shape``)."""
+    if (not isinstance(t, torch.Tensor) or t.dtype != torch.float64 or not t.is_cpu
+            or t.layout is not torch.strided or not t.is_contiguous() or t.numel() != numel
+            or (shape is not None and t.shape != shape)):
+        raise ValueError(f"{name}: {arg} must be {expected}, got {_describe(t)}")
+    return t
+
+
+def _sums(name: str, sums, c: int) -> torch.Tensor:
+    if sums is None:
+        return torch.zeros(2, c, dtype=torch.float64)
+    return _float64(name, "sums", sums, (2, c), 2 * c, f"a contiguous float64 (2, {c}) CPU tensor")
+
+
+def _oom(name: str):
+    raise MemoryError(f"densenet kernel {name}: out of memory allocating scratch")
 
 
 def _fn(name: str, t: torch.Tensor):
@@ -418,10 +545,13 @@ def _fn(name: str, t: torch.Tensor):
 
 def bn_relu(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out = relu(x * scale + shift), column-wise scale and shift."""
+    name = "bn_relu"
+    ldx = _mat(name, "x", x)
     m, c = x.shape
-    scale, shift = _vec(scale, x), _vec(shift, x)
-    _fn("bn_relu", x)(m, c, x.data_ptr(), _ld(x), scale.data_ptr(), shift.data_ptr(),
-                      out.data_ptr(), _ld(out), torch.get_num_threads())
+    ldo = _mat(name, "out", out, x, write=True)
+    scale, shift = _vec(name, "scale", scale, x, c), _vec(name, "shift", shift, x, c)
+    _fn(name, x)(m, c, x.data_ptr(), ldx, scale.data_ptr(), shift.data_ptr(),
+                 out.data_ptr(), ldo, torch.get_num_threads())
     return out
 
 
@@ -430,16 +560,25 @@ def col_stats(x: torch.Tensor, state: torch.Tensor | None = None):
     update, in double). With ``state`` (float64, 1 + 2C: count, means, squared-deviation sums,
     from ``stats_state``), merges ``x`` into it and returns it instead: feed the rows in chunks,
     then call ``stats_from_state``."""
+    ldx = _mat("col_stats", "x", x)
     m, c = x.shape
-    acc = stats_state(c) if state is None else state
-    _fn("col_stats_acc", x)(m, c, x.data_ptr(), _ld(x), acc.data_ptr(), torch.get_num_threads())
+    if state is None:
+        acc = stats_state(c)
+    else:
+        acc = _float64("col_stats", "state", state, None, 1 + 2 * c,
+                       f"a contiguous float64 CPU tensor of 1 + 2 * {c} = {1 + 2 * c} elements")
+    if _fn("col_stats_acc", x)(m, c, x.data_ptr(), ldx, acc.data_ptr(), torch.get_num_threads()):
+        _oom("col_stats")
     return stats_from_state(acc, x.dtype) if state is None else acc
 
 
 def copy_cols(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     """dst = src for two matrices of one shape (a column slice of a buffer, say)."""
+    name = "copy_cols"
+    lds = _mat(name, "src", src)
     m, c = src.shape
-    _fn("copy_cols", src)(m, c, src.data_ptr(), _ld(src), dst.data_ptr(), _ld(dst), torch.get_num_threads())
+    ldd = _mat(name, "dst", dst, src, ref="src", write=True)
+    _fn(name, src)(m, c, src.data_ptr(), lds, dst.data_ptr(), ldd, torch.get_num_threads())
     return dst
 
 
@@ -459,50 +598,109 @@ def bn_relu_grad(x, g, scale, shift, mean, dx=None, sums=None, z=None, assign=Fa
     zeros if not given) and returns it; with ``dx``, also does dx += g' * scale (the BN input
     gradient without its batch-statistics corrections; dx = g' * scale with ``assign``); with
     ``z``, also writes relu(x * scale + shift) there."""
+    name = "bn_relu_grad"
+    ldx = _mat(name, "x", x)
     m, c = x.shape
-    scale, shift, mean = _vec(scale, x), _vec(shift, x), _vec(mean, x)
-    if sums is None:
-        sums = torch.zeros(2, c, dtype=torch.float64)
-    _fn("bn_relu_grad", x)(m, c, x.data_ptr(), _ld(x), g.data_ptr(), _ld(g), scale.data_ptr(),
-                           shift.data_ptr(), mean.data_ptr(), dx.data_ptr() if dx is not None else None,
-                           _ld(dx) if dx is not None else 0, int(assign), z.data_ptr() if z is not None else None,
-                           _ld(z) if z is not None else 0, sums.data_ptr(), torch.get_num_threads())
+    ldg = _mat(name, "g", g, x)
+    lddx = _mat(name, "dx", dx, x, write=True) if dx is not None else 0
+    ldz = _mat(name, "z", z, x, write=True) if z is not None else 0
+    scale, shift, mean = (_vec(name, "scale", scale, x, c), _vec(name, "shift", shift, x, c),
+                          _vec(name, "mean", mean, x, c))
+    sums = _sums(name, sums, c)
+    if _fn(name, x)(m, c, x.data_ptr(), ldx, g.data_ptr(), ldg, scale.data_ptr(), shift.data_ptr(),
+                    mean.data_ptr(), dx.data_ptr() if dx is not None else None, lddx, int(assign),
+                    z.data_ptr() if z is not None else None, ldz, sums.data_ptr(), torch.get_num_threads()):
+        _oom(name)
     return sums
 
 
 def bn_grad_apply(x, g, scale, shift, mean, a, b, out):
     """out = scale * (g' - a - (x - mean) * b), g' as in ``bn_relu_grad``; ``out`` may be ``g``."""
+    name = "bn_grad_apply"
+    ldx = _mat(name, "x", x)
     m, c = x.shape
-    args = [_vec(v, x) for v in (scale, shift, mean, a, b)]
-    _fn("bn_grad_apply", x)(m, c, x.data_ptr(), _ld(x), g.data_ptr(), _ld(g),
-                            *[v.data_ptr() for v in args], out.data_ptr(), _ld(out), torch.get_num_threads())
+    ldg = _mat(name, "g", g, x)
+    ldo = _mat(name, "out", out, x, write=True)
+    args = [_vec(name, arg, v, x, c) for arg, v in
+            (("scale", scale), ("shift", shift), ("mean", mean), ("a", a), ("b", b))]
+    _fn(name, x)(m, c, x.data_ptr(), ldx, g.data_ptr(), ldg, *[v.data_ptr() for v in args],
+                 out.data_ptr(), ldo, torch.get_num_threads())
     return out
 
 
 def col_affine_add(x, coef, const, src, out):
     """out = src + x * coef + const, column-wise coef and const; ``out`` may be ``src``."""
+    name = "col_affine_add"
+    ldx = _mat(name, "x", x)
     m, c = x.shape
-    coef, const = _vec(coef, x), _vec(const, x)
-    _fn("col_affine_add", x)(m, c, x.data_ptr(), _ld(x), coef.data_ptr(), const.data_ptr(),
-                             src.data_ptr(), _ld(src), out.data_ptr(), _ld(out), torch.get_num_threads())
+    lds = _mat(name, "src", src, x)
+    ldo = _mat(name, "out", out, x, write=True)
+    coef, const = _vec(name, "coef", coef, x, c), _vec(name, "const", const, x, c)
+    _fn(name, x)(m, c, x.data_ptr(), ldx, coef.data_ptr(), const.data_ptr(),
+                 src.data_ptr(), lds, out.data_ptr(), ldo, torch.get_num_threads())
     return out
 
 
-def _images(x: torch.Tensor) -> torch.Tensor:
-    if x.dim() != 4 or not x.is_contiguous():
-        raise ValueError(f"kernel images need a contiguous (N, H, W, C) tensor, got strides {x.stride()}")
-    return x
+def _image(name: str, arg: str, t, like: torch.Tensor | None = None, shape: tuple | None = None,
+           expected: str = "") -> torch.Size:
+    """The shape of ``t``, checked to be a contiguous channels-last (N, H, W, C) CPU image batch:
+    with ``like``, of its dtype and of ``shape`` (``expected`` says what that is); without, of
+    float32 or float64 (the kernel's input)."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.layout is not torch.strided or not t.is_contiguous():
+        raise ValueError(f"{name}: {arg} must be a contiguous 4-D (N, H, W, C) tensor, got {_describe(t)}")
+    if like is None:
+        if t.dtype not in _TYPES:
+            raise ValueError(f"{name}: {arg} must be float32 or float64, got {t.dtype}")
+    else:
+        if t.shape != shape:
+            raise ValueError(f"{name}: {arg} must be {tuple(shape)} {expected}, got {tuple(t.shape)}")
+        if t.dtype != like.dtype:
+            raise ValueError(f"{name}: {arg} must be {like.dtype} like x, got {t.dtype}")
+    if not t.is_cpu:
+        _not_cpu(name, arg, t)
+    return t.shape
+
+
+def _ints(name: str, arg: str, pair) -> tuple[int, int]:
+    try:
+        first, second = pair
+        return operator.index(first), operator.index(second)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: {arg} must be a pair of ints, got {pair!r}") from None
+
+
+def _window(name: str, kernel, stride, padding, h: int, w: int):
+    """(kh, kw, sh, sw, ph, pw, oh, ow) of a max pooling of (h, w) images, checked: a positive
+    kernel and stride and padding in [0, kernel // 2] (so every window holds a pixel), and at
+    least one window each way (floor mode, as F.max_pool2d requires)."""
+    (kh, kw), (sh, sw), (ph, pw) = (_ints(name, "kernel", kernel), _ints(name, "stride", stride),
+                                    _ints(name, "padding", padding))
+    if kh < 1 or kw < 1:
+        raise ValueError(f"{name}: kernel must be positive, got {(kh, kw)}")
+    if sh < 1 or sw < 1:
+        raise ValueError(f"{name}: stride must be positive, got {(sh, sw)}")
+    if not (0 <= ph <= kh // 2 and 0 <= pw <= kw // 2):
+        raise ValueError(f"{name}: padding must be in [0, kernel // 2] = [0, {kh // 2}] x [0, {kw // 2}] "
+                         f"for kernel {(kh, kw)}, got {(ph, pw)}")
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(f"{name}: x's images {(h, w)} are smaller than the kernel {(kh, kw)} with "
+                         f"padding {(ph, pw)}: no window fits")
+    return kh, kw, sh, sw, ph, pw, oh, ow
 
 
 def bn_relu_maxpool(x, scale, shift, kernel, stride, padding, out):
     """out (N, OH, OW, C) = max pooling of relu(x * scale + shift) over the channels-last images
     x (N, H, W, C) (both contiguous): windows ``kernel``, ``stride``, ``padding`` (pairs), no
     dilation, floor mode - ``F.max_pool2d`` after BN-ReLU, without either intermediate."""
-    n, h, w, c = _images(x).shape
-    _, oh, ow, _ = _images(out).shape
-    scale, shift = _vec(scale, x), _vec(shift, x)
-    _fn("bn_relu_maxpool", x)(n, h, w, c, x.data_ptr(), scale.data_ptr(), shift.data_ptr(),
-                              *kernel, *stride, *padding, oh, ow, out.data_ptr(), torch.get_num_threads())
+    name = "bn_relu_maxpool"
+    n, h, w, c = _image(name, "x", x)
+    kh, kw, sh, sw, ph, pw, oh, ow = _window(name, kernel, stride, padding, h, w)
+    _image(name, "out", out, x, (n, oh, ow, c), "= (n, oh, ow, c) for these windows")
+    scale, shift = _vec(name, "scale", scale, x, c, "channel"), _vec(name, "shift", shift, x, c, "channel")
+    if _fn(name, x)(n, h, w, c, x.data_ptr(), scale.data_ptr(), shift.data_ptr(), kh, kw, sh, sw, ph, pw,
+                    oh, ow, out.data_ptr(), torch.get_num_threads()):
+        _oom(name)
     return out
 
 
@@ -511,15 +709,18 @@ def bn_relu_maxpool_grad(x, scale, shift, mean, kernel, stride, padding, gout, d
     window's first maximum, kept where it is positive): writes g' to all of ``dx`` (like ``x``)
     and adds the column sums of g' and of (x - mean) * g' to ``sums`` (float64 (2, C), zeros if
     not given), which it returns."""
-    n, h, w, c = _images(x).shape
-    _, oh, ow, _ = _images(gout).shape
-    _images(dx)
-    scale, shift, mean = _vec(scale, x), _vec(shift, x), _vec(mean, x)
-    if sums is None:
-        sums = torch.zeros(2, c, dtype=torch.float64)
-    _fn("bn_relu_maxpool_grad", x)(n, h, w, c, x.data_ptr(), scale.data_ptr(), shift.data_ptr(),
-                                   mean.data_ptr(), *kernel, *stride, *padding, oh, ow, gout.data_ptr(),
-                                   dx.data_ptr(), sums.data_ptr(), torch.get_num_threads())
+    name = "bn_relu_maxpool_grad"
+    n, h, w, c = _image(name, "x", x)
+    kh, kw, sh, sw, ph, pw, oh, ow = _window(name, kernel, stride, padding, h, w)
+    _image(name, "gout", gout, x, (n, oh, ow, c), "= (n, oh, ow, c) for these windows")
+    _image(name, "dx", dx, x, x.shape, "like x")
+    scale, shift, mean = (_vec(name, "scale", scale, x, c, "channel"), _vec(name, "shift", shift, x, c, "channel"),
+                          _vec(name, "mean", mean, x, c, "channel"))
+    sums = _sums(name, sums, c)
+    if _fn(name, x)(n, h, w, c, x.data_ptr(), scale.data_ptr(), shift.data_ptr(), mean.data_ptr(),
+                    kh, kw, sh, sw, ph, pw, oh, ow, gout.data_ptr(), dx.data_ptr(), sums.data_ptr(),
+                    torch.get_num_threads()):
+        _oom(name)
     return sums
 
 

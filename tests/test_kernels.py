@@ -140,6 +140,201 @@ def test_kernel_matrices_must_have_unit_column_stride():
         kernels.bn_relu(x, torch.ones(10), torch.zeros(10), torch.empty(8, 10))
 
 
+# ------------------------------------------------------------------------------ argument checks
+
+M, C = 50, 6  # x is (50, 6) below; images are (2, 9, 7, 6) and pool (3, 3) windows, stride 2, padding 1
+
+
+def _image_args():
+    x = torch.randn(2, 9, 7, C)
+    return x, torch.empty(2, 5, 4, C), ((3, 3), (2, 2), (1, 1))  # out is (2, 5, 4, 6)
+
+
+_v, _w = torch.ones(C), torch.ones(C - 1)  # a right and a wrong per-column vector
+_WRONG_SHAPES = {  # kernel: (a call with x a (50, 6) matrix, what the error must say)
+    "bn_relu out": (lambda x: kernels.bn_relu(x, _v, _v, torch.empty(M, C - 1)),
+                    r"^bn_relu: out must be a \(50, 6\) matrix like x, got \(50, 5\)$"),
+    "bn_relu shift": (lambda x: kernels.bn_relu(x, _v, _w, torch.empty(M, C)),
+                      r"^bn_relu: shift must have 6 elements \(one per column of x\), got 5 \(5,\)$"),
+    "bn_relu x 3-D": (lambda x: kernels.bn_relu(x.view(5, 10, C), _v, _v, torch.empty(M, C)),
+                      r"^bn_relu: x must be a 2-D \(m, c\) matrix, got 3-D \(5, 10, 6\)$"),
+    "col_stats x": (lambda x: kernels.col_stats(x[0]), r"^col_stats: x must be a 2-D \(m, c\) matrix, got 1-D \(6,\)"),
+    "col_stats state": (lambda x: kernels.col_stats(x, kernels.stats_state(C - 1)),
+                        r"^col_stats: state must be a contiguous float64 CPU tensor of 1 \+ 2 \* 6 = 13 elements, "
+                        r"got a contiguous torch.float64 \(11,\) tensor on cpu$"),
+    "copy_cols dst": (lambda x: kernels.copy_cols(x, torch.empty(M + 1, C)),
+                      r"^copy_cols: dst must be a \(50, 6\) matrix like src, got \(51, 6\)$"),
+    "bn_relu_grad g": (lambda x: kernels.bn_relu_grad(x, x[1:], _v, _v, _v), r"^bn_relu_grad: g must be a \(50, 6\) matrix"),
+    "bn_relu_grad dx": (lambda x: kernels.bn_relu_grad(x, x, _v, _v, _v, dx=torch.empty(M, C + 1)),
+                        r"^bn_relu_grad: dx must be a \(50, 6\) matrix like x, got \(50, 7\)$"),
+    "bn_relu_grad z": (lambda x: kernels.bn_relu_grad(x, x, _v, _v, _v, z=torch.empty(C, M)), r"^bn_relu_grad: z must be"),
+    "bn_relu_grad mean": (lambda x: kernels.bn_relu_grad(x, x, _v, _v, torch.ones(2, C)), r"^bn_relu_grad: mean must have 6"),
+    "bn_grad_apply out": (lambda x: kernels.bn_grad_apply(x, x, _v, _v, _v, _v, _v, x[:, :-1]),
+                          r"^bn_grad_apply: out must be a \(50, 6\) matrix like x, got \(50, 5\)$"),
+    "bn_grad_apply b": (lambda x: kernels.bn_grad_apply(x, x, _v, _v, _v, _v, _w, torch.empty(M, C)),
+                        r"^bn_grad_apply: b must have 6 elements"),
+    "col_affine_add src": (lambda x: kernels.col_affine_add(x, _v, _v, torch.empty(M), torch.empty(M, C)),
+                           r"^col_affine_add: src must be a \(50, 6\) matrix like x, got \(50,\)$"),
+    "col_affine_add const": (lambda x: kernels.col_affine_add(x, _v, torch.tensor(1.0), x, torch.empty(M, C)),
+                             r"^col_affine_add: const must have 6 elements .*, got 1 \(\)$"),
+    "bn_relu_maxpool out": (lambda x: kernels.bn_relu_maxpool(_image_args()[0], _v, _v, *_image_args()[2],
+                                                              torch.empty(2, 4, 4, C)),
+                            r"^bn_relu_maxpool: out must be \(2, 5, 4, 6\) = \(n, oh, ow, c\) for these windows, "
+                            r"got \(2, 4, 4, 6\)$"),
+    "bn_relu_maxpool scale": (lambda x: kernels.bn_relu_maxpool(_image_args()[0], _w, _v, *_image_args()[2],
+                                                                                _image_args()[1]),
+                              r"^bn_relu_maxpool: scale must have 6 elements \(one per channel of x\)"),
+    "bn_relu_maxpool_grad gout": (lambda x: kernels.bn_relu_maxpool_grad(
+        _image_args()[0], _v, _v, _v, *_image_args()[2], torch.empty(2, 5, 5, C), torch.empty(2, 9, 7, C)),
+        r"^bn_relu_maxpool_grad: gout must be \(2, 5, 4, 6\) = \(n, oh, ow, c\) for these windows, got \(2, 5, 5, 6\)$"),
+    "bn_relu_maxpool_grad dx": (lambda x: kernels.bn_relu_maxpool_grad(
+        _image_args()[0], _v, _v, _v, *_image_args()[2], torch.empty(2, 5, 4, C), torch.empty(2, 9, 6, C)),
+        r"^bn_relu_maxpool_grad: dx must be \(2, 9, 7, 6\) like x, got \(2, 9, 6, 6\)$"),
+}
+
+
+@needs_cc
+@pytest.mark.parametrize("case", _WRONG_SHAPES)
+def test_a_wrong_shape_is_refused_naming_the_argument(case):
+    call, match = _WRONG_SHAPES[case]
+    with pytest.raises(ValueError, match=match):
+        call(_matrix(M, C, C + 4, torch.float32))
+
+
+@needs_cc
+def test_a_wrong_dtype_is_refused_but_vectors_are_converted():
+    x, out = _matrix(M, C, C + 4, torch.float32), torch.empty(M, C)
+    with pytest.raises(ValueError, match=r"^bn_relu: x must be float32 or float64, got torch.float16$"):
+        kernels.bn_relu(x.half(), _v, _v, out.half())
+    with pytest.raises(ValueError, match=r"^bn_relu: out must be torch.float32 like x, got torch.float64$"):
+        kernels.bn_relu(x, _v, _v, out.double())
+    with pytest.raises(ValueError, match=r"^copy_cols: dst must be torch.float64 like src, got torch.float32$"):
+        kernels.copy_cols(x.double(), out)
+    with pytest.raises(ValueError, match=r"^bn_relu_grad: g must be torch.float32 like x"):
+        kernels.bn_relu_grad(x, x.double(), _v, _v, _v)
+    with pytest.raises(ValueError, match=r"^bn_relu_maxpool: x must be float32 or float64, got torch.int64$"):
+        kernels.bn_relu_maxpool(torch.zeros(1, 4, 4, C, dtype=torch.long), _v, _v, (3, 3), (2, 2), (1, 1),
+                                torch.zeros(1, 2, 2, C, dtype=torch.long))
+    scale, shift = torch.rand(C, dtype=torch.float64) + 0.5, torch.randn(C, dtype=torch.float64)
+    kernels.bn_relu(x, scale, shift[None], out)  # a float64 (1, C) vector works, converted as before
+    _close(out, (x * scale.float() + shift.float()).relu(), torch.float32)
+
+
+@needs_cc
+def test_strides_that_would_read_or_write_wrongly_are_refused():
+    x = _matrix(M, C, C + 4, torch.float32)
+    with pytest.raises(ValueError, match=r"^bn_relu: out must have unit column stride, got strides \(1, 50\)$"):
+        kernels.bn_relu(x, _v, _v, torch.empty(C, M).t())
+    with pytest.raises(ValueError, match=r"^copy_cols: src must have unit column stride, got strides \(12, 2\)$"):
+        kernels.copy_cols(torch.empty(M, 2 * C)[:, ::2], torch.empty(M, C))
+    overlapping = torch.empty(M * C).as_strided((M, C), (C - 2, 1))  # row i's tail is row i+1's head
+    with pytest.raises(ValueError, match=r"^col_affine_add: out must have a row stride of at least its 6 columns "
+                                         r"\(rows would overlap\), got strides \(4, 1\)$"):
+        kernels.col_affine_add(x, _v, _v, x, overlapping)
+    with pytest.raises(ValueError, match=r"^bn_relu_grad: g must have a row stride of at least its 6 columns"):
+        kernels.bn_relu_grad(x, overlapping, _v, _v, _v)
+    broadcast = torch.ones(1, C).expand(M, C)  # row stride 0, as autograd passes the gradient of a sum
+    with pytest.raises(ValueError, match=r"^bn_relu_grad: dx must have a row stride .*got strides \(0, 1\)$"):
+        kernels.bn_relu_grad(x, x, _v, _v, _v, dx=broadcast)  # written: refused
+    sums = kernels.bn_relu_grad(x, broadcast, _v, torch.zeros(C), torch.zeros(C))  # only read: fine
+    _close(sums[0], (x > 0).sum(0).double(), torch.float64)
+    with pytest.raises(ValueError, match=r"^bn_relu_maxpool_grad: dx must be a contiguous 4-D \(N, H, W, C\) tensor"):
+        x4, gout, window = _image_args()
+        kernels.bn_relu_maxpool_grad(x4, _v, _v, _v, *window, gout, torch.empty(2, C, 9, 7).permute(0, 2, 3, 1))
+
+
+@needs_cc
+def test_sums_and_state_must_be_contiguous_float64_of_the_right_shape():
+    x = _matrix(M, C, C + 4, torch.float32)
+    x4, gout, window = _image_args()
+    for bad in (torch.zeros(C, 2, dtype=torch.float64), torch.zeros(2, C), torch.zeros(C, 2, dtype=torch.float64).t(),
+                torch.zeros(2, C + 1, dtype=torch.float64)):
+        with pytest.raises(ValueError, match=r"^bn_relu_grad: sums must be a contiguous float64 \(2, 6\) CPU tensor, got "):
+            kernels.bn_relu_grad(x, x, _v, _v, _v, sums=bad)
+        with pytest.raises(ValueError, match=r"^bn_relu_maxpool_grad: sums must be a contiguous float64 \(2, 6\)"):
+            kernels.bn_relu_maxpool_grad(x4, _v, _v, _v, *window, gout, torch.empty_like(x4), bad)
+    for bad in (kernels.stats_state(C).float(), kernels.stats_state(2 * C)[::2]):
+        with pytest.raises(ValueError, match=r"^col_stats: state must be a contiguous float64 CPU tensor of 1 \+ 2 \* 6"):
+            kernels.col_stats(x, bad)
+
+
+@needs_cc
+def test_pooling_windows_are_checked():
+    x4, out, window = _image_args()
+    for kernel, stride, padding, match in [
+            ((0, 3), (2, 2), (0, 0), r"^bn_relu_maxpool: kernel must be positive, got \(0, 3\)$"),
+            ((3, 3), (2, 0), (1, 1), r"^bn_relu_maxpool: stride must be positive, got \(2, 0\)$"),
+            ((3, 3), (2, 2), (2, 1), r"^bn_relu_maxpool: padding must be in \[0, kernel // 2\] = \[0, 1\] x \[0, 1\]"),
+            ((3, 3), (2, 2), (1, -1), r"^bn_relu_maxpool: padding must be in"),
+            ((3,), (2, 2), (1, 1), r"^bn_relu_maxpool: kernel must be a pair of ints, got \(3,\)$"),
+            ((3, 3), (2.0, 2), (1, 1), r"^bn_relu_maxpool: stride must be a pair of ints"),
+            ((9, 9), (1, 1), (0, 0), r"^bn_relu_maxpool: x's images \(9, 7\) are smaller than the kernel \(9, 9\)")]:
+        with pytest.raises(ValueError, match=match):
+            kernels.bn_relu_maxpool(x4, _v, _v, kernel, stride, padding, out)
+    kernels.bn_relu_maxpool(x4, _v, _v, *window, out)  # the same call with a valid window runs
+
+
+@needs_cc
+def test_tensors_off_the_cpu_are_refused():
+    x = _matrix(M, C, C + 4, torch.float32)
+    meta = torch.empty(M, C, device="meta")
+    with pytest.raises(ValueError, match=r"^bn_relu: out must be a CPU tensor, got one on meta$"):
+        kernels.bn_relu(x, _v, _v, meta)
+    with pytest.raises(ValueError, match=r"^bn_relu: x must be a CPU tensor, got one on meta$"):
+        kernels.bn_relu(meta, _v, _v, x)
+    with pytest.raises(ValueError, match=r"^col_affine_add: coef must be a CPU tensor, got one on meta$"):
+        kernels.col_affine_add(x, torch.ones(C, device="meta"), _v, x, torch.empty(M, C))
+    with pytest.raises(ValueError, match=r"^bn_relu_grad: sums must be a contiguous float64 \(2, 6\) CPU tensor"):
+        kernels.bn_relu_grad(x, x, _v, _v, _v, sums=torch.zeros(2, C, dtype=torch.float64, device="meta"))
+
+
+_OUT_OF_MEMORY = """
+import resource, torch
+from densenet import kernels
+torch.set_num_threads(2)
+MB, c = 2**20, 4 * 2**20
+def vm():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize"))
+def limited(headroom, call):  # the call with only headroom more address space than now
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (vm() + headroom, hard))
+    try:
+        call()
+        return "ran"
+    except MemoryError as exc:
+        return str(exc)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+x, g, v = torch.randn(1, c), torch.randn(1, c), torch.ones(c)
+sums = torch.ones(2, c, dtype=torch.float64)
+kernels.bn_relu_grad(x, g, v, v, v)  # builds the library and starts the threads before any limit
+before = vm()
+# its scratch: 128 MiB of partial sums (2 threads x 2c doubles), then 32 MiB in each thread
+print(limited(16 * MB, lambda: kernels.bn_relu_grad(x, g, v, v, v, sums=sums)))  # the partial sums fail
+for _ in range(3):
+    print(limited(144 * MB, lambda: kernels.bn_relu_grad(x, g, v, v, v, sums=sums)))  # both threads' fail
+print(bool((sums == 1).all()), (vm() - before) // MB)  # nothing merged into sums, nothing leaked
+img, s = torch.randn(1, 1, 1, 10 * 2**20), torch.ones(10 * 2**20)
+out = torch.empty_like(img)
+kernels.bn_relu_maxpool(img, s, s, (1, 1), (1, 1), (0, 0), out)
+print(limited(16 * MB, lambda: kernels.bn_relu_maxpool(img, s, s, (1, 1), (1, 1), (0, 0), out)))  # 40 MiB a thread
+print(limited(1024 * MB, lambda: kernels.bn_relu_grad(x, g, v, v, v, sums=sums)))
+"""
+
+
+@needs_cc
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="limits the address space with RLIMIT_AS")
+def test_scratch_that_cannot_be_allocated_raises_memory_error():
+    proc = subprocess.run([sys.executable, "-c", _OUT_OF_MEMORY], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().split("\n")
+    oom = "densenet kernel {}: out of memory allocating scratch"
+    assert lines[:4] == [oom.format("bn_relu_grad")] * 4
+    assert lines[4] == "True 0"
+    assert lines[5:] == [oom.format("bn_relu_maxpool"), "ran"]
+
+
 def test_huge_empty_gives_a_usable_tensor_of_the_asked_shape():
     like = torch.zeros(1, dtype=torch.float64)
     for shape in [(3, 4), (64, 32, 32, 216)]:
