@@ -9,6 +9,7 @@ preprocessing as metadata (``densenet.json``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -42,8 +43,9 @@ def export(loaded: Loaded, fmt: str, out: str | os.PathLike, tolerance: float | 
     if out.is_dir():
         raise UsageError(f"--out {out} is a directory; give a file name (e.g. {out / 'model.onnx'}).")
     out.parent.mkdir(parents=True, exist_ok=True)
-    # The memory-efficient block is a custom autograd function; exporters need plain modules.
-    model = loaded.model.cpu().float().eval().set_implementation("reference")
+    # The files must run without this package: the plain modules, not the densenet:: ops (an
+    # ExportedProgram of the default model would hold them; ONNX and TorchScript know neither).
+    model = copy.deepcopy(loaded.model).cpu().float().eval().set_implementation("reference")
     size = int(loaded.preprocess["input_size"])
     in_channels = model.features.conv0.in_channels
     example = torch.randn(2, in_channels, size, size, generator=torch.Generator().manual_seed(seed))

@@ -96,9 +96,9 @@ def _load_foreign(weights: str, name: str) -> Loaded:
 
 
 def _for_inference(net: DenseNet) -> DenseNet:
-    # The memory-efficient block saves memory in the backward pass; without gradients the
-    # plain path frees each concatenation at once and is what export traces.
-    return net.set_implementation("reference").eval()
+    # the same efficient ops as training: without gradients they keep one feature buffer per
+    # block and nothing for backward (the plain path concatenates once per layer)
+    return net.eval()
 
 
 def _unreadable_is_usage_error(read, path):

@@ -83,14 +83,14 @@ class DenseLayer(nn.Module):
 
 
 class DenseBlock(nn.ModuleDict):
-    """L layers, each reading the concatenation of the block input and all earlier outputs."""
+    """L layers, each reading the concatenation of the block input and all earlier outputs:
+    the plain formulation, which concatenates for every layer (memory quadratic in L)."""
 
     def __init__(self, num_layers: int, in_channels: int, growth_rate: int, bottleneck: bool,
-                 bn_size: int, drop_rate: float, implementation: str = "efficient"):
+                 bn_size: int, drop_rate: float):
         super().__init__()
         self.in_channels = in_channels
         self.growth_rate = growth_rate
-        self.implementation = implementation
         for i in range(num_layers):
             layer = DenseLayer(in_channels + i * growth_rate, growth_rate, bottleneck, bn_size,
                                drop_rate)
@@ -101,21 +101,26 @@ class DenseBlock(nn.ModuleDict):
         return self.in_channels + len(self) * self.growth_rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.implementation == "efficient":
-            return efficient.dense_block_forward(self, x)
         features = [x]
         for layer in self.values():
             features.append(layer(features))
         return torch.cat(features, 1)
 
 
+class EfficientDenseBlock(DenseBlock):
+    """The same block (same parameters and state dict) computed by the ``densenet::dense_block``
+    op: one shared feature buffer, BN-ReLU recomputed in backward, memory linear in L
+    (``densenet/efficient.py``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return efficient.dense_block_forward(self, x)
+
+
 class Transition(nn.Sequential):
     """BN-ReLU-Conv1x1 to floor(theta * m) maps - [dropout] - AvgPool 2x2/2."""
 
-    def __init__(self, in_channels: int, out_channels: int, drop_rate: float,
-                 implementation: str = "efficient"):
+    def __init__(self, in_channels: int, out_channels: int, drop_rate: float):
         super().__init__()
-        self.implementation = implementation
         self.norm = nn.BatchNorm2d(in_channels)
         self.relu = nn.ReLU(inplace=True)
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
@@ -123,10 +128,17 @@ class Transition(nn.Sequential):
             self.drop = nn.Dropout(drop_rate)
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
 
+
+class EfficientTransition(Transition):
+    """The same transition computed by the ``densenet::bn_relu_pool_conv`` op (pooling before
+    the 1x1 convolution, BN-ReLU recomputed in backward)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if getattr(self, "implementation", "reference") == "efficient":
-            return efficient.transition_forward(self, x)
-        return super().forward(x)
+        return efficient.transition_forward(self, x)
+
+
+# The classes each implementation builds its blocks and transitions from.
+_CLASSES = {"efficient": (EfficientDenseBlock, EfficientTransition), "reference": (DenseBlock, Transition)}
 
 
 def _check_positive_int(name: str, value) -> int:
@@ -148,8 +160,9 @@ class DenseNet(nn.Module):
         stem: "cifar" (one 3x3 conv) or "imagenet" (7x7/2 conv, BN, ReLU, 3x3/2 max-pool).
         drop_rate: dropout after every convolution but the first.
         num_classes, in_channels: classifier outputs and image channels.
-        implementation: "efficient" (shared buffer, recomputed BN-ReLU; the default) or
-            "reference" (plain concatenation per layer, kept for testing).
+        implementation: "efficient" (the default: blocks and transitions as the registered
+            ``densenet::`` ops, shared buffer, recomputed BN-ReLU) or "reference" (the plain
+            modules, a concatenation per layer); both have the same parameters and state dict.
     """
 
     def __init__(self, growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 24, 16),
@@ -184,6 +197,8 @@ class DenseNet(nn.Module):
         self.compression = float(compression)
         self.drop_rate = float(drop_rate)
         self.stem = stem
+        self.implementation = implementation
+        block_cls, transition_cls = _CLASSES[implementation]
 
         if stem == "imagenet":
             stem_layers = [
@@ -198,13 +213,12 @@ class DenseNet(nn.Module):
 
         channels = num_init_features
         for i, num_layers in enumerate(self.block_config):
-            block = DenseBlock(num_layers, channels, growth_rate, self.bottleneck, bn_size,
-                               drop_rate, implementation)
+            block = block_cls(num_layers, channels, growth_rate, self.bottleneck, bn_size, drop_rate)
             self.features.add_module(f"denseblock{i + 1}", block)
             channels = block.out_channels
             if i != len(self.block_config) - 1:
                 out = int(self.compression * channels)  # floor(theta * m)
-                self.features.add_module(f"transition{i + 1}", Transition(channels, out, drop_rate, implementation))
+                self.features.add_module(f"transition{i + 1}", transition_cls(channels, out, drop_rate))
                 channels = out
         # torchvision calls the final BN "norm5" whatever the number of blocks; keep its name.
         self.features.add_module("norm5", nn.BatchNorm2d(channels))
@@ -212,16 +226,18 @@ class DenseNet(nn.Module):
         self.classifier = nn.Linear(channels, num_classes)
         self._init_weights()
 
-    @property
-    def implementation(self) -> str:
-        return next(m.implementation for m in self.modules() if isinstance(m, DenseBlock))
-
     def set_implementation(self, implementation: str) -> "DenseNet":
+        """Switch (in place) between the efficient and the plain block and transition classes;
+        they share parameters, buffers and state-dict names, so nothing is copied."""
         if implementation not in IMPLEMENTATIONS:
             raise UsageError(f"implementation must be one of {', '.join(IMPLEMENTATIONS)}, got {implementation!r}.")
+        block_cls, transition_cls = _CLASSES[implementation]
         for m in self.modules():
-            if isinstance(m, (DenseBlock, Transition)):
-                m.implementation = implementation
+            if isinstance(m, DenseBlock):
+                m.__class__ = block_cls
+            elif isinstance(m, Transition):
+                m.__class__ = transition_cls
+        self.implementation = implementation
         return self
 
     def train(self, mode: bool = True) -> "DenseNet":
@@ -248,7 +264,7 @@ class DenseNet(nn.Module):
         """The final feature map, after the last BN and ReLU (N, num_features, H', W')."""
         if self.implementation == "efficient":
             return efficient.features_forward(self.features, x)
-        return F.relu(self.features(x), inplace=True)
+        return F.relu(self.features(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
@@ -395,17 +411,16 @@ def count_macs(model: nn.Module, input_size: int, in_channels: int = 3) -> int:
     p = next(model.parameters())
     x = torch.zeros(1, in_channels, input_size, input_size, device=p.device, dtype=p.dtype)
     was_training = model.training
-    parts = [m for m in model.modules() if isinstance(m, (DenseBlock, Transition))]
-    saved = [getattr(m, "implementation", "reference") for m in parts]
+    implementation = getattr(model, "implementation", "reference")
     model.eval()
     try:
-        for m in parts:
-            m.implementation = "reference"
+        if isinstance(model, DenseNet):
+            model.set_implementation("reference")
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(x)
     finally:
-        for m, impl in zip(parts, saved):
-            m.implementation = impl
+        if isinstance(model, DenseNet):
+            model.set_implementation(implementation)
         model.train(was_training)
     return counter.get_total_flops() // 2  # FlopCounterMode counts 2 FLOPs per multiply-add
 

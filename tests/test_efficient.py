@@ -222,13 +222,13 @@ def test_transition_pools_before_its_convolution_with_the_same_result(dtype, pat
     (several image chunks with the small-chunks path); with dropout active it cannot commute
     and runs conv-then-pool."""
     from torch.utils.flop_counter import FlopCounterMode
-    from densenet.model import Transition
+    from densenet.model import EfficientTransition, Transition
     torch.manual_seed(0)
-    ref = Transition(24, 12, drop_rate=0.0, implementation="reference").to(dtype)
+    ref = Transition(24, 12, drop_rate=0.0).to(dtype)
     ref.norm.weight.data.uniform_(0.5, 1.5)
     ref.norm.bias.data.normal_()
-    eff = copy.deepcopy(ref)
-    eff.implementation = "efficient"
+    eff = EfficientTransition(24, 12, drop_rate=0.0).to(dtype)
+    eff.load_state_dict(ref.state_dict())
     x = torch.randn(5, 24, 8, 10, dtype=dtype).to(memory_format=torch.channels_last)
     outs, grads = [], []
     for mod in (ref, eff):
@@ -249,7 +249,7 @@ def test_transition_pools_before_its_convolution_with_the_same_result(dtype, pat
         assert ((got - want).abs().max() / want.abs().max()).item() < tol
     assert eff.norm.num_batches_tracked.item() == ref.norm.num_batches_tracked.item() == 1
 
-    drop = Transition(24, 12, drop_rate=0.5, implementation="efficient").to(dtype)
+    drop = EfficientTransition(24, 12, drop_rate=0.5).to(dtype)
     with FlopCounterMode(display=False) as fc:
         drop(x)
     assert fc.get_total_flops() == ref_flops  # dropout between conv and pool: conv first
@@ -282,7 +282,9 @@ def test_fused_stem_bn_relu_maxpool_matches_the_modules(dtype, channels_last, tr
             with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
                 saved = []
                 out = efficient.bn_relu_maxpool_forward(norm, pool, xi)
-            assert [t.shape for t in saved] == [(3 * 15 * 13, 6)]  # x alone, as a matrix
+            # x, BN's parameters and statistics: nothing of the BN-ReLU output or the indices
+            assert [t.shape for t in saved] == [(3, 6, 15, 13), (6,), (6,)] + (
+                [(2, 6)] if train else [(0,), (6,), (6,)])
         else:
             out = ref(xi)
         (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum().backward()
