@@ -84,12 +84,19 @@ def _peak_step_bytes(step) -> int:
 
 
 def measure(model_name: str, variant: str, mode: str, batch: int, size: int, layout: str,
-            steps: int, warmup: int, device: str = "cpu", memory: bool = True) -> dict:
-    """One configuration in this process: ``mode`` "train" or "infer"."""
+            steps: int, warmup: int, device: str = "cpu", memory: bool = True,
+            amp: str | None = None, compile: bool = False) -> dict:
+    """One configuration in this process: ``mode`` "train" or "infer"; ``amp`` "bf16" runs the
+    steps under bfloat16 autocast, ``compile`` through ``torch.compile`` (compiled in the first
+    warm-up step, whose time is reported as ``first_step_s``)."""
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     model = build(model_name, variant, device)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     model = model.to(memory_format=fmt)
+    call = torch.compile(model) if compile else model
+    dev_type = torch.device(device).type
+    if amp not in (None, "bf16"):
+        raise UsageError(f"amp must be None or 'bf16', got {amp!r}.")
     torch.manual_seed(1)
     x = torch.randn(batch, 3, size, size, device=device).to(memory_format=fmt)
     y = torch.randint(0, model.classifier.out_features, (batch,), device=device)
@@ -97,17 +104,18 @@ def measure(model_name: str, variant: str, mode: str, batch: int, size: int, lay
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def step():
-        if mode == "train":
-            model.train()
-            opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-        else:
-            model.eval()
-            with torch.no_grad():
-                model(x)
+        with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+            if mode == "train":
+                model.train()
+                opt.zero_grad(set_to_none=True)
+                nn.functional.cross_entropy(call(x).float(), y).backward()
+                opt.step()
+            else:
+                model.eval()
+                with torch.no_grad():
+                    call(x)
 
-    times, faults = [], 0
+    times, faults, first = [], 0, None
     for i in range(warmup + steps):
         sync()
         if i == warmup:
@@ -115,12 +123,14 @@ def measure(model_name: str, variant: str, mode: str, batch: int, size: int, lay
         t = time.perf_counter()
         step()
         sync()
+        if i == 0:
+            first = time.perf_counter() - t
         if i >= warmup:
             times.append(time.perf_counter() - t)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     result = dict(model=model_name, variant=variant, mode=mode, batch=batch, size=size,
-                  layout=layout, times=[round(t, 4) for t in times],
-                  images_per_s=batch / statistics.median(times),
+                  layout=layout, amp=amp, compile=compile, times=[round(t, 4) for t in times],
+                  images_per_s=batch / statistics.median(times), first_step_s=round(first, 3),
                   page_faults_per_step=faults / max(steps, 1))
     if memory and mode == "train":
         if device.startswith("cuda"):
@@ -210,6 +220,42 @@ def memory_vs_depth(depths, batch: int, steps: int, device: str, variants=("ours
     return rows
 
 
+MODES = (("eager", None, False), ("bf16", "bf16", False), ("compile", None, True))
+
+
+def compare_modes(model_name: str, batch: int, size: int, steps: int, warmup: int, repeats: int,
+                  device: str, log=print) -> dict:
+    """Our efficient path against our reference path in each way users train: eager float32,
+    bf16 autocast and ``torch.compile`` (float32), interleaved; training images/s and peak
+    memory, and per mode the efficient/reference ratios."""
+    rows = {}
+    for rep in range(repeats):
+        for mode, amp, comp in MODES:
+            for variant in ("ours", "ours-ref"):
+                r = _in_subprocess(dict(model_name=model_name, variant=variant, mode="train", batch=batch,
+                                        size=size, layout="channels_last", steps=steps,
+                                        warmup=max(warmup, 2 if comp else 0), device=device, amp=amp,
+                                        compile=comp))
+                rows.setdefault((mode, variant), []).append(r)
+                log(f"  {model_name} train b{batch} {mode:7s} {variant:8s} rep {rep + 1}: "
+                    f"{r['images_per_s']:.2f} img/s, peak {r['peak_mib']:.0f} MiB (allocator), "
+                    f"RSS peak +{r['rss_peak_mib']:.0f} MiB, first step {r['first_step_s']:.1f} s")
+    summary = {f"{mode}:{variant}": dict(
+        images_per_s=statistics.median(r["images_per_s"] for r in rs),
+        peak_mib=statistics.median(r["peak_mib"] for r in rs),
+        rss_peak_mib=statistics.median(r["rss_peak_mib"] for r in rs),
+        first_step_s=statistics.median(r["first_step_s"] for r in rs),
+        runs=[r["images_per_s"] for r in rs]) for (mode, variant), rs in rows.items()}
+    ratios = {}
+    for mode, _, _ in MODES:
+        ours, ref = summary[f"{mode}:ours"], summary[f"{mode}:ours-ref"]
+        ratios[f"{mode}_peak_vs_reference"] = ours["peak_mib"] / ref["peak_mib"]
+        ratios[f"{mode}_speed_vs_reference"] = ours["images_per_s"] / ref["images_per_s"]
+    ratios["compile_speed_vs_eager"] = (summary["compile:ours"]["images_per_s"]
+                                        / summary["eager:ours"]["images_per_s"])
+    return dict(model=model_name, batch=batch, size=size, summary=summary, ratios=ratios)
+
+
 def fit_line(xs, ys):
     """Least squares y = a + b x and the largest relative residual."""
     n = len(xs)
@@ -248,10 +294,14 @@ def environment(device: str) -> dict:
 def run_bench(model: str | None = None, batch_size: int | None = None,
               infer_batch_size: int | None = None, steps: int = 5, warmup: int = 3,
               repeats: int = 2, device: str = "auto", depths=DEPTHS, depth_reference: bool = False,
-              depth_only: bool = False, plot: str | None = None, log=print) -> dict:
+              depth_only: bool = False, plot: str | None = None, modes: bool = False,
+              log=print) -> dict:
     """The whole benchmark: each model against torchvision (``compare``), then peak memory
     against depth (``memory_vs_depth``, for the ``depths`` given) with a linear fit and an
-    optional plot. Returns the report (``format_report`` prints it); ``log`` gets progress."""
+    optional plot. With ``modes``, instead: our efficient against our reference path under
+    eager, bf16 autocast and ``torch.compile`` (``compare_modes``; densenet_bc100_k12 unless
+    ``model`` is given). Returns the report (``format_report`` prints it); ``log`` gets
+    progress."""
     if steps < 1 or warmup < 0 or repeats < 1:
         raise UsageError("--steps and --repeats must be at least 1, --warmup at least 0.")
     if device == "auto":
@@ -269,6 +319,11 @@ def run_bench(model: str | None = None, batch_size: int | None = None,
         f"{env['threads']} threads, device {device}; {warmup} warm-up + {steps} timed steps, "
         f"{repeats} interleaved repeats")
     report = dict(environment=env, results=[])
+    if modes:
+        name = model or "densenet_bc100_k12"
+        tb, _, size = configs.get(name, CONFIGS["densenet_bc100_k12"])
+        report["modes"] = compare_modes(name, tb, size, steps, warmup, repeats, device, log)
+        return report
     if not depth_only:
         for name, (tb, ib, size) in configs.items():
             report["results"].append(compare(name, tb, ib, size, steps, warmup, repeats, device, log))
@@ -300,6 +355,19 @@ def format_report(report) -> str:
             tr, inf = s.get(f"train:{label}"), s.get(f"infer:{label}")
             lines.append(f"| {label} | {runs(tr)} | {tr['peak_mib']:.0f} | {tr['rss_peak_mib']:.0f} | "
                          f"{tr['page_faults_per_step']:,.0f} | " + (f"{runs(inf)} |" if inf else "- |"))
+        lines.append("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in res["ratios"].items()))
+    if "modes" in report:
+        res = report["modes"]
+        lines.append(f"\n{res['model']}: training batch {res['batch']}, {res['size']}x{res['size']}, "
+                     f"efficient (ours) against reference (ours-ref) in each mode")
+        lines.append("| mode | path | train img/s (runs) | peak train MiB (allocator) | RSS peak MiB | "
+                     "first step s |")
+        lines.append("|---|---|---|---|---|---|")
+        for key, r in res["summary"].items():
+            mode, variant = key.split(":")
+            lines.append(f"| {mode} | {variant} | {r['images_per_s']:.2f} "
+                         f"({', '.join(f'{v:.2f}' for v in r['runs'])}) | {r['peak_mib']:.0f} | "
+                         f"{r['rss_peak_mib']:.0f} | {r['first_step_s']:.1f} |")
         lines.append("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in res["ratios"].items()))
     if "memory_vs_depth" in report:
         m = report["memory_vs_depth"]

@@ -32,3 +32,16 @@ def test_compare_runs_every_variant_and_prints_the_ratios():
     assert res["ratios"]["peak_vs_tv_plain"] < 1
     text = format_report(dict(results=[res]))
     assert "| ours |" in text and "| tv-me |" in text and "ratios: train_speed_vs_tv_best" in text
+
+
+def test_compare_modes_measures_both_paths_in_every_training_mode():
+    from densenet.bench import compare_modes
+    res = compare_modes("densenet_bc16_k4", batch=4, size=16, steps=1, warmup=0, repeats=1,
+                        device="cpu", log=lambda *a: None)
+    assert set(res["summary"]) == {f"{m}:{v}" for m in ("eager", "bf16", "compile") for v in ("ours", "ours-ref")}
+    assert all(r["images_per_s"] > 0 and r["peak_mib"] > 0 for r in res["summary"].values())
+    assert set(res["ratios"]) == {"eager_peak_vs_reference", "eager_speed_vs_reference", "bf16_peak_vs_reference",
+                                  "bf16_speed_vs_reference", "compile_peak_vs_reference",
+                                  "compile_speed_vs_reference", "compile_speed_vs_eager"}
+    text = format_report(dict(results=[], modes=res))
+    assert "| compile | ours |" in text and "compile_speed_vs_eager" in text

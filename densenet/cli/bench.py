@@ -24,7 +24,7 @@ def _cmd_bench(args) -> int:
                        infer_batch_size=args.infer_batch_size, steps=args.steps,
                        warmup=args.warmup, repeats=args.repeats, device=args.device,
                        depths=_depths(args.depths), depth_reference=args.depth_reference,
-                       depth_only=args.depth_only, plot=args.plot, log=log)
+                       depth_only=args.depth_only, plot=args.plot, modes=args.modes, log=log)
     report["command"] = "densenet " + " ".join(args.argv)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
@@ -50,5 +50,8 @@ def register(sub) -> None:
                    help="also sweep the reference (plain) implementation (quadratic memory)")
     p.add_argument("--depth-only", action="store_true", help="only the memory-vs-depth sweep")
     p.add_argument("--plot", help="write the memory-vs-depth plot to this PNG file")
+    p.add_argument("--modes", action="store_true",
+                   help="instead: our efficient against our reference path in eager float32, bf16 "
+                   "autocast and torch.compile training (densenet_bc100_k12 unless --model)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_bench)
