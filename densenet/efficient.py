@@ -3,7 +3,10 @@
 A plain dense block (``DenseBlock`` with ``implementation="reference"``) concatenates all earlier
 maps for every layer and autograd keeps every concatenation and every BN output alive until
 backward, so training memory grows quadratically with depth. Here the whole
-block is one autograd function (after Pleiss et al. 2017, arXiv 1707.06990):
+block is one operator registered with PyTorch, ``torch.ops.densenet.dense_block``, with its
+backward operator, a fake (meta) implementation and an autocast rule, so that autograd, bf16
+autocast, ``torch.compile`` and ``torch.export`` all see it as one op (after Pleiss et al. 2017,
+arXiv 1707.06990):
 
 * Each block owns one channels-last buffer ``B`` of shape (N, H, W, C_in + L*k); layer l writes
   its k maps into its slice and reads ``B[..., :C_l]`` in place - no concatenation is ever made.
@@ -38,9 +41,9 @@ block is one autograd function (after Pleiss et al. 2017, arXiv 1707.06990):
   (``bn_relu_maxpool_forward``): max pooling commutes with the monotone ReLU, so neither the
   BN-ReLU output nor pooling indices are stored; backward finds each window's maximum again.
 
-Cases the function does not cover (bf16 autocast, torch.compile / tracing / scripting, a
-SyncBatchNorm or BN without affine parameters, non-BatchNorm2d norms) run the reference path,
-which gives the same results.
+Cases the ops do not cover (TorchScript tracing / scripting, meta tensors, a SyncBatchNorm or
+BN without affine parameters, non-BatchNorm2d norms, mixed eps or dropout rates in a block)
+run the plain modules, which give the same results.
 """
 
 import torch
