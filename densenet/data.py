@@ -556,12 +556,19 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> 
     return padded.reshape(b, c, -1).gather(2, flat.expand(b, c, h * w)).view(b, c, h, w)
 
 
+def upscale(x: torch.Tensor, size: int) -> torch.Tensor:
+    """A normalised (B, C, h, w) batch resized to size x size (bilinear; the same in training,
+    evaluation and prediction)."""
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
 class DeviceLoader:
     """Batches of an ``ImageTensors`` already on the training device, made with tensor ops.
 
     Yields ``(x, y)``: x float32 (B, C, H, W), ``(x / 255 - mean) / std``, optionally augmented
     (``augment_batch``: the zero padding comes after normalisation, so it is the mean colour, as
-    in fb.resnet.torch) and channels_last. Order and augmentation are drawn from a generator
+    in fb.resnet.torch), upscaled to ``resize`` x ``resize`` pixels if given (bilinear, for an
+    ImageNet-size model) and channels_last. Order and augmentation are drawn from a generator
     seeded by (seed, epoch). For DDP, rank r of world w takes every w-th sample of the epoch's
     order, the tail dropped so every rank has as many samples, hence batches.
     """
@@ -569,9 +576,10 @@ class DeviceLoader:
     def __init__(self, data: ImageTensors, batch_size: int, *, shuffle: bool = False,
                  augment: bool = False, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), seed: int = 0,
                  drop_last: bool = False, rank: int = 0, world_size: int = 1,
-                 channels_last: bool = False):
+                 channels_last: bool = False, resize: int | None = None):
         if batch_size < 1:
             raise UsageError(f"batch size must be at least 1, not {batch_size}.")
+        self.resize = resize
         self.data, self.batch_size = data, batch_size
         self.shuffle, self.augment, self.seed, self.drop_last = shuffle, augment, seed, drop_last
         self.rank, self.world_size, self.channels_last = rank, world_size, channels_last
@@ -601,6 +609,8 @@ class DeviceLoader:
             x = self.data.images[idx].float().div_(255).sub_(self.mean).div_(self.std)
             if self.augment:
                 x = augment_batch(x, g)
+            if self.resize is not None and self.resize != x.shape[-1]:
+                x = upscale(x, self.resize)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.data.labels[idx]

@@ -158,14 +158,19 @@ def to_rgb(img):
 
 
 def image_transform(pre: dict, ten_crop: bool = False):
-    """PIL image -> normalised tensor as in training: small images resized to the input size
-    (CIFAR style); large ones Resize(resize) + CenterCrop(input_size), or TenCrop -> (10, C, H, W)."""
+    """PIL image -> normalised tensor as in training: small images resized to the training
+    images' size (CIFAR style), then upscaled to the input size when training upscaled them;
+    large ones Resize(resize) + CenterCrop(input_size), or TenCrop -> (10, C, H, W)."""
     from torchvision import transforms as T
     normalize = T.Normalize(pre["mean"], pre["std"])
     to_tensor = T.Compose([T.ToTensor(), normalize])
     size = int(pre["input_size"])
     if pre["kind"] == "small":
-        return T.Compose([T.Resize((size, size)), to_tensor])
+        image_size = int(pre.get("image_size") or size)
+        steps = [T.Resize((image_size, image_size)), to_tensor]
+        if image_size != size:
+            steps.append(T.Lambda(lambda x: data_mod.upscale(x[None], size)[0]))
+        return T.Compose(steps)
     resize = int(pre.get("resize") or round(size * 256 / 224))
     if ten_crop:
         return T.Compose([T.Resize(resize), T.TenCrop(size),
@@ -301,11 +306,14 @@ def evaluate(loaded: Loaded, data: str, split: str | None = None, ten_crop: bool
         if pre.get("mean") is None:  # foreign small-image weights: normalise as training would
             mean, std = ds.channel_stats()
             pre["mean"], pre["std"] = [float(v) for v in mean], [float(v) for v in std]
-        if part.images.shape[-1] != pre["input_size"]:
+        image_size = int(pre.get("image_size") or pre["input_size"])
+        if part.images.shape[-1] != image_size:
             raise UsageError(f"{data} holds {part.images.shape[-1]}-pixel images but the model "
-                             f"was trained on {pre['input_size']}-pixel ones.")
-        loader = data_mod.DeviceLoader(part.to(device), batch_size or 500, mean=pre["mean"],
-                                       std=pre["std"])
+                             f"was trained on {image_size}-pixel ones.")
+        upscaled = pre["input_size"] != image_size
+        loader = data_mod.DeviceLoader(part.to(device), batch_size or (32 if upscaled else 500),
+                                       mean=pre["mean"], std=pre["std"],
+                                       resize=pre["input_size"] if upscaled else None)
         r = evaluate_batches(model, _relabelled(loader, mapping), device)
         result["single_crop"] = {"top1_error": r["error"], "top5_error": r["top5_error"],
                                  "loss": r["loss"]}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import sys
 import time
@@ -30,10 +31,12 @@ from .recipes import RECIPE_FIELDS, Recipe, get_recipe, override
 from .rundir import (atomic_write_json, load_checkpoint, remove_stale_temporaries,
                      save_checkpoint, write_metrics)
 from .sample import load_cifar10_sample
+from .weights import load_pretrained, read_pretrained
 
-RUN_FIELDS = ("model", "recipe", "data", "out", "download", "seed", "device", "amp",
-              "channels_last", "compile", "sync_bn", "implementation", "max_steps", "workers",
-              "quiet")
+RUN_FIELDS = ("model", "recipe", "data", "out", "weights", "freeze", "download", "seed", "device",
+              "amp", "channels_last", "compile", "sync_bn", "implementation", "max_steps",
+              "workers", "quiet")
+FREEZE = ("features",)
 
 
 @dataclass
@@ -43,6 +46,8 @@ class TrainConfig:
     model: str
     data: str | None = None
     out: str | None = None
+    weights: str | None = None      # start from these weights (torchvision, timm, ours, a run)
+    freeze: str | None = None       # "features": train the classifier only
     download: bool = False
     seed: int = 0
     device: str = "auto"
@@ -104,6 +109,8 @@ def _validate_run_fields(cfg: TrainConfig) -> None:
         ("model", isinstance(cfg.model, str), "a model name"),
         ("data", cfg.data is None or isinstance(cfg.data, str), "a path"),
         ("out", cfg.out is None or isinstance(cfg.out, str), "a path"),
+        ("weights", cfg.weights is None or isinstance(cfg.weights, str), "a path"),
+        ("freeze", cfg.freeze is None or cfg.freeze in FREEZE, " or ".join(FREEZE)),
         ("device", cfg.device in ("auto", "cpu", "cuda")
          or (isinstance(cfg.device, str) and cfg.device.startswith("cuda:")), "auto, cpu or cuda"),
         ("amp", cfg.amp in (None, "bf16"), "bf16 (or left out)"),
@@ -119,10 +126,16 @@ def _validate_run_fields(cfg: TrainConfig) -> None:
         if not ok:
             raise UsageError(f"--{name.replace('_', '-')} must be {expected}, got "
                              f"{getattr(cfg, name)!r}.")
+    if cfg.freeze and cfg.weights is None:
+        raise UsageError(f"--freeze {cfg.freeze} keeps pretrained weights fixed; give them with "
+                         f"--weights FILE (a torchvision/timm file, a checkpoint or a run directory).")
 
 
 def learning_rate(recipe: Recipe, epoch: int) -> float:
-    """The step schedule: lr * gamma^(number of milestones passed) for 0-based ``epoch``."""
+    """The learning rate of 0-based ``epoch``: the step schedule, lr * gamma^(number of
+    milestones passed), or the cosine one, lr * (1 + cos(pi * epoch / epochs)) / 2."""
+    if recipe.schedule == "cosine":
+        return recipe.lr * 0.5 * (1 + math.cos(math.pi * epoch / recipe.epochs))
     passed = sum(epoch >= m for m in recipe.milestone_epochs())
     return recipe.lr * recipe.lr_gamma ** passed
 
@@ -160,16 +173,22 @@ class _Splits:
         train, val = ds.train, ds.val
         self.split_record = None
         if val is None and r.val_size > 0:
-            if r.val_size >= len(train):
+            n_val = r.holdout_count(len(train))
+            if n_val >= len(train):
                 raise UsageError(f"val_size {r.val_size} leaves no training images ({len(train)} "
                                  f"in the data); use --set val_size=N with a smaller N, or 0.")
-            train_idx, val_idx = data_mod.holdout_split(len(train), r.val_size, cfg.seed)
+            train_idx, val_idx = data_mod.holdout_split(len(train), n_val, cfg.seed)
             train, val = train.subset(train_idx), train.subset(val_idx)
-            self.split_record = {"seed": cfg.seed, "val_size": r.val_size,
+            self.split_record = {"seed": cfg.seed, "val_size": n_val,
                                  "val_indices": val_idx.tolist()}
         self.train, self.val, self.test = train, val, ds.test
         self.mean, self.std = _normalisation(cfg, ds)
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world_size
+        # Small images fed to an ImageNet-stem model (fine-tuning one) are upscaled on the
+        # device to the recipe's input size: at 32 px its stride-32 features would be 1x1.
+        self.image_size = int(train.images.shape[-1]) if ds.small else None
+        self.upscale = (ds.small and model_info(cfg.model).kwargs.get("stem") == "imagenet"
+                        and r.input_size > self.image_size)
         if ds.small:
             # The whole small-image data set lives on the training device as uint8.
             self.train = self.train.to(device)
@@ -179,12 +198,14 @@ class _Splits:
     def loader(self, part, train: bool):
         r, cfg = self.cfg.recipe, self.cfg
         if self.ds.small:
-            return data_mod.DeviceLoader(part, r.batch_size // self.world if train else 500,
+            eval_batch = 500 if not self.upscale else max(16, 500 * self.image_size ** 2 // r.input_size ** 2)
+            return data_mod.DeviceLoader(part, r.batch_size // self.world if train else eval_batch,
                                          shuffle=train, augment=train and r.augment,
                                          mean=self.mean, std=self.std, seed=cfg.seed,
                                          rank=self.rank if train else 0,
                                          world_size=self.world if train else 1,
-                                         drop_last=False, channels_last=cfg.channels_last)
+                                         drop_last=False, channels_last=cfg.channels_last,
+                                         resize=r.input_size if self.upscale else None)
         return data_mod.make_file_loader(part, r.batch_size // self.world if train else 100,
                                          train=train, mean=self.mean, std=self.std,
                                          input_size=r.input_size, resize=round(r.input_size * 256 / 224),
@@ -193,11 +214,14 @@ class _Splits:
                                          world_size=self.world if train else 1)
 
     def preprocess(self) -> dict:
+        """How inputs were made (docs/run-directory.md): small images keep their ``image_size``
+        and are fed at ``input_size`` (larger when upscaled); large ones Resize + crop."""
         r = self.cfg.recipe
-        return {"kind": "small" if self.ds.small else "imagenet", "input_size": r.input_size
-                if not self.ds.small else int(self.train.images.shape[-1]),
-                "resize": None if self.ds.small else round(r.input_size * 256 / 224),
-                "mean": self.mean, "std": self.std}
+        if self.ds.small:
+            return {"kind": "small", "input_size": r.input_size if self.upscale else self.image_size,
+                    "image_size": self.image_size, "resize": None, "mean": self.mean, "std": self.std}
+        return {"kind": "imagenet", "input_size": r.input_size,
+                "resize": round(r.input_size * 256 / 224), "mean": self.mean, "std": self.std}
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -214,6 +238,8 @@ def train(model: str | None = None, recipe: str = "quickstart", data: str | None
     """
     if resume is not None:
         return _resume(resume, **options)
+    if model is None and options.get("weights") is not None and isinstance(options["weights"], str):
+        model = read_pretrained(options["weights"])[2]  # a checkpoint names its architecture
     cfg = make_config(model, recipe, data, out, set_fields=set_fields, **options)
     ds = _load_data(cfg)  # data errors before a run directory is created
     world = init_from_env(cfg.device)
@@ -281,9 +307,8 @@ class _Run:
         self.overrides = {"num_classes": len(ds.classes), "drop_rate": self.recipe.drop_rate}
         self.net = _build_model(cfg, self.overrides, self.device, world)
         self.params = count_parameters(self.net)
-        r = self.recipe
-        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=r.lr, momentum=r.momentum,
-                                         nesterov=r.nesterov, weight_decay=r.weight_decay)
+        self.optimizer = None  # made once the weights are in (which parts are pretrained)
+        self.pretrained = None  # {"weights": path, "new_head": bool} when started from weights
         self.history: list[dict] = []
         self.best = {"val_error": None, "epoch": None}
         self.epoch0, self.step, self.step_in_epoch = 0, 0, 0
@@ -323,6 +348,11 @@ class _Run:
 
     def _start(self) -> None:
         cfg, splits = self.cfg, self.splits
+        pretrained_line = None
+        if cfg.weights is not None:
+            new_head, pretrained_line = load_pretrained(self.net, cfg.weights, list(self.ds.classes))
+            self.pretrained = {"weights": str(cfg.weights), "new_head": new_head}
+        self._make_optimizer()
         if self.world.is_main:
             atomic_write_json(self.run_dir / "config.json",
                               {**cfg.to_dict(), "model_overrides": self.overrides,
@@ -334,9 +364,17 @@ class _Run:
                       f"{len(splits.val) if splits.val is not None else 0:,} validation, "
                       f"{len(splits.test) if splits.test is not None else 0:,} test, device "
                       f"{self.device}" + (f", {self.world.size} processes" if self.world.size > 1 else ""))
+        if pretrained_line:
+            self.log.info(pretrained_line + (" (features frozen: training the classifier only)"
+                                             if cfg.freeze == "features" else ""))
+        if splits.upscale:
+            self.log.info(f"{splits.image_size}-pixel images upscaled to {self.recipe.input_size} "
+                          f"for {cfg.model} (an ImageNet-stem model)")
 
     def _restore(self, state: dict) -> None:
         self.net.load_state_dict(state["state_dict"])
+        self.pretrained = state.get("pretrained")
+        self._make_optimizer()
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch0, self.step, self.step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
         self.history = list(state["history"])
@@ -349,6 +387,27 @@ class _Run:
         if self.world.is_main:
             write_metrics(self.run_dir, self.history)  # drop any line written after that checkpoint
         self.log.info(f"resumed {self.run_dir} at epoch {self.epoch0 + 1}, step {self.step}")
+
+    def _make_optimizer(self) -> None:
+        """SGD (Nesterov) or AdamW over two groups: the network body and the classifier. With
+        --weights the pretrained tensors learn at ``pretrained_lr_scale`` x lr and a new head at
+        lr; with --freeze features only the classifier learns."""
+        r, net = self.recipe, self.net
+        if self.cfg.freeze == "features":
+            net.features.requires_grad_(False)
+        head = [p for p in net.classifier.parameters() if p.requires_grad]
+        head_ids = {id(p) for p in head}
+        body = [p for p in net.parameters() if id(p) not in head_ids and p.requires_grad]
+        scale = r.pretrained_lr_scale if self.pretrained is not None else 1.0
+        new_head = self.pretrained is None or self.pretrained["new_head"]
+        groups = [{"params": body, "lr_scale": scale},
+                  {"params": head, "lr_scale": 1.0 if new_head else scale}]
+        groups = [g for g in groups if g["params"]]
+        if r.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(groups, lr=r.lr, weight_decay=r.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum,
+                                             nesterov=r.nesterov, weight_decay=r.weight_decay)
 
     def _model_for_steps(self) -> torch.nn.Module:
         """The model the steps call: wrapped in DDP for several processes, compiled if asked."""
@@ -368,9 +427,13 @@ class _Run:
         cfg, device = self.cfg, self.device
         lr = learning_rate(self.recipe, epoch)
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["lr_scale"]
         loader.set_epoch(epoch)
         self.net.train()
+        if cfg.freeze == "features":
+            # frozen features also keep their BatchNorm statistics: evaluation mode, no
+            # gradients, so the efficient ops save nothing for backward
+            self.net.features.eval()
         t0 = time.time()
         seen, loss_sum, wrong = 0, 0.0, 0
         progress = _Progress(len(loader), f"epoch {epoch + 1}/{self.recipe.epochs}",
@@ -384,7 +447,7 @@ class _Run:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device, cfg.amp):
                 logits = model(x)
-                loss = F.cross_entropy(logits.float(), y)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=self.recipe.label_smoothing)
             if not torch.isfinite(loss):
                 self._stop_non_finite(epoch + 1, loss.item())
             self.optimizer.zero_grad(set_to_none=True)
@@ -446,7 +509,7 @@ class _Run:
                        "preprocess": self.splits.preprocess(), "epoch": epoch, "step": self.step,
                        "step_in_epoch": step_in_epoch, "optimizer": self.optimizer.state_dict(),
                        "rng": rng, "config": self.cfg.to_dict(), "history": self.history,
-                       "best": self.best, "params": self.params}
+                       "best": self.best, "params": self.params, "pretrained": self.pretrained}
             for name in names:
                 _save(self.run_dir / name, payload)
         barrier()

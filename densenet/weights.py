@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .errors import UsageError
-from .rundir import is_checkpoint, read_file
+from .rundir import is_checkpoint, read_file, resolve_checkpoint_path
 
 _WRAPPERS = ("state_dict_ema", "state_dict", "model_state_dict", "model")
 _PREFIXES = ("module.", "_orig_mod.", "model.")
@@ -64,3 +64,58 @@ def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source) 
             f"the weights in {source} do not fit this model ({' '.join(first[:3])[:400]}). "
             f"Check that --model names the architecture the file was trained with."
         ) from None
+
+
+def read_pretrained(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], list[str] | None, str | None]:
+    """(state dict, class names or None, model name or None) of the weights to start a training
+    run from: a torchvision/timm/Lightning file, a densenet checkpoint, or a run directory (its
+    best checkpoint). Foreign files name neither their classes nor their architecture."""
+    path = resolve_checkpoint_path(path)
+    obj = read_file(path)
+    classes = model_name = None
+    if is_checkpoint(obj):
+        classes = [str(c) for c in obj["classes"]] if obj.get("classes") is not None else None
+        model_name = obj["model"].get("name")
+    return extract_state_dict(obj, path), classes, model_name
+
+
+def load_pretrained(model: torch.nn.Module, path: str | os.PathLike, classes: list[str]) -> tuple[bool, str]:
+    """Load the weights in ``path`` into ``model`` (a classifier for ``classes``) to fine-tune
+    it: every tensor strictly, except that the file's classifier is kept only when it has the
+    same classes (the same count and, when the file names them, the same names; the same names
+    in another order reorder its rows). Returns (whether the head is new, a line saying which)."""
+    state, file_classes, _ = read_pretrained(path)
+    head = state.get("classifier.weight")
+    n_file = int(head.shape[0]) if head is not None and head.ndim == 2 else None
+    if n_file == len(classes) and (file_classes is None or file_classes == list(classes)):
+        load_strict(model, state, path)
+        return False, f"kept the classifier of {path} ({n_file} classes, as in the data)"
+    if n_file == len(classes) and file_classes is not None and sorted(file_classes) == sorted(classes):
+        order = torch.tensor([file_classes.index(c) for c in classes])
+        state = dict(state)
+        for key in ("classifier.weight", "classifier.bias"):
+            if key in state:
+                state[key] = state[key][order]
+        load_strict(model, state, path)
+        return False, f"kept the classifier of {path} (the same {n_file} classes, rows put in the data's order)"
+    body = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    own = {k for k in model.state_dict() if not k.startswith("classifier.")}
+    if set(body) != own:
+        missing, unexpected = sorted(own - set(body)), sorted(set(body) - own)
+        raise UsageError(
+            f"the weights in {path} do not fit this model (missing: {', '.join(missing[:3]) or '-'}"
+            f"{' ...' if len(missing) > 3 else ''}; unexpected: {', '.join(unexpected[:3]) or '-'}"
+            f"{' ...' if len(unexpected) > 3 else ''}). Check that --model names the architecture "
+            f"the file was trained with.")
+    try:
+        model.load_state_dict(body, strict=False)
+    except RuntimeError as e:
+        raise UsageError(f"the weights in {path} do not fit this model ({str(e).splitlines()[-1][:300]}). "
+                         f"Check that --model names the architecture the file was trained with.") from None
+    if n_file is None:
+        why = "the file has no classifier"
+    elif file_classes is not None and n_file == len(classes):
+        why = f"the file's {n_file} classes are not the data's"
+    else:
+        why = f"the file has {n_file} classes, the data {len(classes)}"
+    return True, f"new classifier for the data's {len(classes)} classes ({why}); the rest from {path}"

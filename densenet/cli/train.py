@@ -13,11 +13,12 @@ from ..recipes import RECIPES, format_recipe, get_recipe
 from .types import DEVICES, non_negative_int, positive_float, positive_int
 
 # Options passed to densenet.train.train under their own names.
-RUN_OPTIONS = ("epochs", "batch_size", "lr", "seed", "device", "amp", "channels_last", "compile",
+RUN_OPTIONS = ("epochs", "batch_size", "lr", "weights", "freeze", "seed", "device", "amp", "channels_last", "compile",
                "sync_bn", "implementation", "max_steps", "workers", "quiet", "download")
 # What a resumed run keeps from its config.json, by flag.
 FIXED_ON_RESUME = {"model": "--model", "recipe": "--recipe", "data": "--data", "out": "--out",
-                   "epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "set": "--set"}
+                   "epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "set": "--set",
+                   "weights": "--weights", "freeze": "--freeze"}
 
 
 def parse_set(items: list[str] | None) -> dict:
@@ -65,6 +66,7 @@ def _cmd_train(args) -> int:
         if not args.resume:  # check the arguments once, before starting any process
             cfg = train_api.make_config(args.model, args.recipe or "quickstart", args.data, args.out,
                                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                        weights=args.weights, freeze=args.freeze,
                                         set_fields=set_fields)
             train_api.check_divisible(cfg.recipe.batch_size, args.nproc)
         return launch(args.nproc, _strip_nproc(args.argv))
@@ -102,10 +104,17 @@ def register(sub) -> None:
                        description="Train a DenseNet with one of the paper's recipes into a run "
                        "directory. With no arguments: the quickstart on the embedded CIFAR-10 sample.")
     p.add_argument("--model", help="model name (densenet list: 'densenet models'); default: the recipe's")
-    p.add_argument("--recipe", help="c10, c10+, c100, c100+, svhn, imagenet or quickstart (the default)")
+    p.add_argument("--recipe", help="c10, c10+, c100, c100+, svhn, imagenet, finetune or quickstart "
+                   "(the default)")
     p.add_argument("--data", help="data path: CIFAR archive/folder, SVHN .mat folder, or class folders")
     p.add_argument("--download", action="store_true", help="fetch CIFAR/SVHN into --data if missing")
     p.add_argument("--out", help="run directory (default: runs/RECIPE-MODEL-TIME)")
+    p.add_argument("--weights", metavar="FILE_OR_RUN",
+                   help="start from these weights: a torchvision or timm DenseNet file, a densenet "
+                   "checkpoint or run directory; the classifier is replaced when the data's "
+                   "classes differ (use with --recipe finetune)")
+    p.add_argument("--freeze", choices=["features"],
+                   help="keep the pretrained features fixed and train the classifier only")
     p.add_argument("--epochs", type=positive_int)
     p.add_argument("--batch-size", type=positive_int, help="global batch size")
     p.add_argument("--lr", type=positive_float, help="initial learning rate")
