@@ -33,7 +33,7 @@ from .rundir import (atomic_write_json, load_checkpoint, remove_stale_temporarie
 from .sample import load_cifar10_sample
 from .weights import load_pretrained, read_pretrained
 
-RUN_FIELDS = ("model", "recipe", "data", "out", "weights", "freeze", "download", "seed", "device",
+RUN_FIELDS = ("model", "recipe", "data", "out", "weights", "freeze", "new_head", "download", "seed", "device",
               "amp", "channels_last", "compile", "sync_bn", "implementation", "max_steps",
               "workers", "quiet")
 FREEZE = ("features",)
@@ -48,6 +48,7 @@ class TrainConfig:
     out: str | None = None
     weights: str | None = None      # start from these weights (torchvision, timm, ours, a run)
     freeze: str | None = None       # "features": train the classifier only
+    new_head: bool = False          # replace the classifier of --weights even if it fits
     download: bool = False
     seed: int = 0
     device: str = "auto"
@@ -121,7 +122,7 @@ def _validate_run_fields(cfg: TrainConfig) -> None:
         ("implementation", cfg.implementation in ("efficient", "reference"),
          "efficient or reference"),
     ] + [(name, isinstance(getattr(cfg, name), bool), "true or false")
-         for name in ("download", "channels_last", "compile", "sync_bn", "quiet")]
+         for name in ("new_head", "download", "channels_last", "compile", "sync_bn", "quiet")]
     for name, ok, expected in checks:
         if not ok:
             raise UsageError(f"--{name.replace('_', '-')} must be {expected}, got "
@@ -129,6 +130,9 @@ def _validate_run_fields(cfg: TrainConfig) -> None:
     if cfg.freeze and cfg.weights is None:
         raise UsageError(f"--freeze {cfg.freeze} keeps pretrained weights fixed; give them with "
                          f"--weights FILE (a torchvision/timm file, a checkpoint or a run directory).")
+    if cfg.new_head and cfg.weights is None:
+        raise UsageError("--new-head replaces the classifier of pretrained weights; give them with "
+                         "--weights FILE (without weights every run starts with a new one).")
 
 
 def learning_rate(recipe: Recipe, epoch: int) -> float:
@@ -350,7 +354,8 @@ class _Run:
         cfg, splits = self.cfg, self.splits
         pretrained_line = None
         if cfg.weights is not None:
-            new_head, pretrained_line = load_pretrained(self.net, cfg.weights, list(self.ds.classes))
+            new_head, pretrained_line = load_pretrained(self.net, cfg.weights, list(self.ds.classes),
+                                                        new_head=cfg.new_head)
             self.pretrained = {"weights": str(cfg.weights), "new_head": new_head}
         self._make_optimizer()
         if self.world.is_main:

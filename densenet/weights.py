@@ -79,18 +79,23 @@ def read_pretrained(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], l
     return extract_state_dict(obj, path), classes, model_name
 
 
-def load_pretrained(model: torch.nn.Module, path: str | os.PathLike, classes: list[str]) -> tuple[bool, str]:
+def load_pretrained(model: torch.nn.Module, path: str | os.PathLike, classes: list[str],
+                    new_head: bool = False) -> tuple[bool, str]:
     """Load the weights in ``path`` into ``model`` (a classifier for ``classes``) to fine-tune
     it: every tensor strictly, except that the file's classifier is kept only when it has the
     same classes (the same count and, when the file names them, the same names; the same names
-    in another order reorder its rows). Returns (whether the head is new, a line saying which)."""
+    in another order reorder its rows); ``new_head`` replaces it anyway (a file that does not
+    name its classes, with as many as the data). Returns (whether the head is new, a line)."""
     state, file_classes, _ = read_pretrained(path)
     head = state.get("classifier.weight")
     n_file = int(head.shape[0]) if head is not None and head.ndim == 2 else None
-    if n_file == len(classes) and (file_classes is None or file_classes == list(classes)):
+    if new_head:
+        n_file = -1 if n_file is None else n_file  # the replacement below, whatever the file holds
+    if not new_head and n_file == len(classes) and (file_classes is None or file_classes == list(classes)):
         load_strict(model, state, path)
         return False, f"kept the classifier of {path} ({n_file} classes, as in the data)"
-    if n_file == len(classes) and file_classes is not None and sorted(file_classes) == sorted(classes):
+    if (not new_head and n_file == len(classes) and file_classes is not None
+            and sorted(file_classes) == sorted(classes)):
         order = torch.tensor([file_classes.index(c) for c in classes])
         state = dict(state)
         for key in ("classifier.weight", "classifier.bias"):
@@ -112,7 +117,9 @@ def load_pretrained(model: torch.nn.Module, path: str | os.PathLike, classes: li
     except RuntimeError as e:
         raise UsageError(f"the weights in {path} do not fit this model ({str(e).splitlines()[-1][:300]}). "
                          f"Check that --model names the architecture the file was trained with.") from None
-    if n_file is None:
+    if new_head:
+        why = "--new-head"
+    elif n_file is None:
         why = "the file has no classifier"
     elif file_classes is not None and n_file == len(classes):
         why = f"the file's {n_file} classes are not the data's"

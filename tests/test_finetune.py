@@ -77,6 +77,21 @@ def test_torchvision_weights_are_where_training_starts(tmp_path):
     assert ckpt["pretrained"] == {"weights": str(tmp_path / "tv.pth"), "new_head": False}
 
 
+def test_new_head_replaces_a_classifier_whose_count_fits(tmp_path):
+    data = make_folder_data(tmp_path / "data", per_class=8)
+    state = _source_weights(3)  # three classes, but not necessarily the data's three
+    torch.save(state, tmp_path / "tv.pth")
+    _finetune(tmp_path, data, "run", tmp_path / "tv.pth", new_head=True, freeze="features")
+    run = tmp_path / "run"
+    assert "new classifier for the data's 3 classes (--new-head)" in (run / "train.log").read_text()
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["pretrained"]["new_head"] is True
+    assert not torch.equal(ckpt["state_dict"]["classifier.bias"], state["classifier.bias"])
+    assert torch.equal(ckpt["state_dict"]["features.conv0.weight"], state["features.conv0.weight"])
+    with pytest.raises(UsageError, match="--new-head replaces the classifier of pretrained weights"):
+        train(TINY, "finetune", str(data), str(tmp_path / "r2"), new_head=True, quiet=True)
+
+
 def test_a_timm_checkpoint_loads_the_same_way(tmp_path):
     data = make_folder_data(tmp_path / "data", per_class=8)
     state = _source_weights(3, seed=1)

@@ -13,12 +13,12 @@ from ..recipes import RECIPES, format_recipe, get_recipe
 from .types import DEVICES, non_negative_int, positive_float, positive_int
 
 # Options passed to densenet.train.train under their own names.
-RUN_OPTIONS = ("epochs", "batch_size", "lr", "weights", "freeze", "seed", "device", "amp", "channels_last", "compile",
+RUN_OPTIONS = ("epochs", "batch_size", "lr", "weights", "freeze", "new_head", "seed", "device", "amp", "channels_last", "compile",
                "sync_bn", "implementation", "max_steps", "workers", "quiet", "download")
 # What a resumed run keeps from its config.json, by flag.
 FIXED_ON_RESUME = {"model": "--model", "recipe": "--recipe", "data": "--data", "out": "--out",
                    "epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "set": "--set",
-                   "weights": "--weights", "freeze": "--freeze"}
+                   "weights": "--weights", "freeze": "--freeze", "new_head": "--new-head"}
 
 
 def parse_set(items: list[str] | None) -> dict:
@@ -67,6 +67,7 @@ def _cmd_train(args) -> int:
             cfg = train_api.make_config(args.model, args.recipe or "quickstart", args.data, args.out,
                                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                         weights=args.weights, freeze=args.freeze,
+                                        new_head=args.new_head,
                                         set_fields=set_fields)
             train_api.check_divisible(cfg.recipe.batch_size, args.nproc)
         return launch(args.nproc, _strip_nproc(args.argv))
@@ -113,6 +114,9 @@ def register(sub) -> None:
                    help="start from these weights: a torchvision or timm DenseNet file, a densenet "
                    "checkpoint or run directory; the classifier is replaced when the data's "
                    "classes differ (use with --recipe finetune)")
+    p.add_argument("--new-head", action="store_true",
+                   help="replace the classifier of --weights even when its class count matches "
+                   "(a state-dict file does not name its classes)")
     p.add_argument("--freeze", choices=["features"],
                    help="keep the pretrained features fixed and train the classifier only")
     p.add_argument("--epochs", type=positive_int)
