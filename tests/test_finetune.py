@@ -123,11 +123,12 @@ def test_freeze_features_trains_the_new_head_only(tmp_path):
 def test_the_pretrained_part_learns_at_a_lower_rate_than_a_new_head(tmp_path):
     data = make_folder_data(tmp_path / "data", per_class=8)
     torch.save(_source_weights(5), tmp_path / "tv.pth")
-    _finetune(tmp_path, data, "run", tmp_path / "tv.pth", epochs=2, batch_size=12)
+    _finetune(tmp_path, data, "run", tmp_path / "tv.pth", epochs=2, batch_size=12,
+              set_fields={"pretrained_lr_scale": "0.1"})
     groups = load_checkpoint(tmp_path / "run" / "last.pt")["optimizer"]["param_groups"]
-    r = dataclasses.replace(get_recipe("finetune"), epochs=2)
+    r = dataclasses.replace(get_recipe("finetune"), epochs=2, pretrained_lr_scale=0.1)
     lr = learning_rate(r, 1)  # the second epoch's: half-way down the cosine
-    assert lr == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi / 2)))
+    assert lr == pytest.approx(0.03 * 0.5 * (1 + math.cos(math.pi / 2)))
     assert [g["lr"] for g in groups] == pytest.approx([lr * r.pretrained_lr_scale, lr])
 
 
@@ -213,7 +214,7 @@ def test_small_images_are_upscaled_for_an_imagenet_model(tmp_path):
 def test_learning_rate_schedules():
     r = get_recipe("finetune")
     assert r.schedule == "cosine"
-    assert [learning_rate(r, e) for e in (0, 10)] == pytest.approx([0.01, 0.005])
+    assert [learning_rate(r, e) for e in (0, 10)] == pytest.approx([0.03, 0.015])
     assert learning_rate(get_recipe("c10"), 150) == pytest.approx(0.01)  # step schedule unchanged
 
 
@@ -245,4 +246,4 @@ def test_adamw_is_an_option(tmp_path):
     torch.save(_source_weights(3), tmp_path / "tv.pth")
     _finetune(tmp_path, data, "run", tmp_path / "tv.pth", set_fields={"optimizer": "adamw"})
     groups = load_checkpoint(tmp_path / "run" / "last.pt")["optimizer"]["param_groups"]
-    assert "betas" in groups[0] and groups[0]["lr"] == pytest.approx(0.001)
+    assert "betas" in groups[0] and groups[0]["lr"] == pytest.approx(0.03)
