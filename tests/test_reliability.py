@@ -189,11 +189,12 @@ def test_debug_shows_the_traceback(tmp_path):
     assert code == 2 and "Traceback" not in err
 
 
-other_commands = st.sampled_from(["recipes", "models", "summary", "eval", "predict", "export",
-                                  "analyze", "plot", "report", "bench"])
+other_commands = st.sampled_from(["recipes", "models", "summary", "eval", "predict", "cam",
+                                  "export", "analyze", "plot", "report", "bench"])
 other_flags = st.sampled_from(["--show", "--json", "--input-size", "--num-classes", "--data",
                                "--split", "--batch-size", "--topk", "--format", "--out", "--kind",
-                               "--weights", "--model", "--device", "--tolerance", "--steps"])
+                               "--weights", "--model", "--device", "--tolerance", "--steps",
+                               "--class", "--size"])
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -1,10 +1,10 @@
 """The ``densenet`` command: argument parsing over the Python API, nothing else.
 
 One module per group of sub-commands (``train.py``: train, recipes; ``inference.py``: eval,
-predict; ``export.py``; ``analysis.py``: models, summary, analyze, plot, report; ``bench.py``),
-each with ``register(subparsers)`` that adds its parsers and sets ``func``. This file builds the
-parser, dispatches, and turns a user's mistake (a :class:`~densenet.UsageError`) into a
-one-paragraph message with exit status 2.
+predict; ``cam.py``; ``export.py``; ``analysis.py``: models, summary, analyze, plot, report;
+``bench.py``), each with ``register(subparsers)`` that adds its parsers and sets ``func``. This
+file builds the parser, dispatches, and turns a user's mistake (a :class:`~densenet.UsageError`)
+into a one-paragraph message with exit status 2.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import sys
 import traceback
 
 from ..errors import UsageError
-from . import analysis, bench, export, inference, train
+from . import analysis, bench, cam, export, inference, train
 
 # In the order ``densenet --help`` lists them.
-COMMANDS = (train, inference, export, analysis, bench)
+COMMANDS = (train, inference, cam, export, analysis, bench)
 
 
 class _Parser(argparse.ArgumentParser):
