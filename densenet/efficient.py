@@ -43,7 +43,9 @@ arXiv 1707.06990):
 
 Cases the ops do not cover (TorchScript tracing / scripting, meta tensors, a SyncBatchNorm or
 BN without affine parameters, non-BatchNorm2d norms, mixed eps or dropout rates in a block)
-run the plain modules, which give the same results.
+run the plain modules, which give the same results. So do the modules the ops would compute
+without calling them (a block's layers, a transition's parts, the stem's norm0/relu0/pool0,
+norm5) while a hook is registered on one of them or on every module: the hooks then fire.
 """
 
 import torch
@@ -562,6 +564,50 @@ def _block_casts(args, dtype):
 _lib = torch.library.Library("densenet", "FRAGMENT")  # the autocast registrations
 
 
+# ----------------------------------------------------------------------------- hooks
+# The ops compute modules without calling them, so hooks on those modules would not fire; while
+# any is registered, the modules run themselves. The check is a few dict lookups per module.
+
+def _own_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    g = torch.nn.modules.module
+    for hooks in (g._global_forward_hooks, g._global_forward_pre_hooks, g._global_backward_hooks,
+                  g._global_backward_pre_hooks):
+        if hooks:
+            for hook in hooks.values():
+                if not _tracker_hook(hook):
+                    return True
+    return False
+
+
+def _tracker_hook(hook) -> bool:
+    """Whether ``hook`` is one of PyTorch's module trackers' (the ModuleTracker of
+    FlopCounterMode, ModTracker, CommDebugMode): they note which module is running, and the ops
+    run inside their block's call, so the trackers see them there as they are."""
+    return type(getattr(hook, "__self__", None)).__module__.startswith("torch.")
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether a forward(-pre) or backward(-pre) hook fires on calling one of ``modules``: one
+    of their own or one registered for every module."""
+    return _global_hooks() or any(_own_hooks(m) for m in modules)
+
+
+def _hooked_within(module: nn.Module) -> bool:
+    """Whether a hook fires on calling a module inside ``module`` (its own hooks fire anyway)."""
+    return _global_hooks() or _hooks_below(module)
+
+
+def _hooks_below(module: nn.Module) -> bool:
+    for m in module._modules.values():
+        if m is not None and (_own_hooks(m) or _hooks_below(m)):
+            return True
+    return False
+
+
 # ----------------------------------------------------------------------------- the block module
 
 def _update_running_stats(norms, means, variances, n: int) -> None:
@@ -602,6 +648,8 @@ def _supported(block, x: torch.Tensor) -> bool:
     if torch.jit.is_scripting() or torch.jit.is_tracing():
         return False
     if x.dim() != 4 or x.is_sparse or x.device.type == "meta" or not x.dtype.is_floating_point:
+        return False
+    if _hooked_within(block):
         return False
     norms = list(_norms(block))
     if any(type(bn) is not nn.BatchNorm2d or not bn.affine for bn in norms):
@@ -683,10 +731,9 @@ def _dropout_mask(p: float, shape, x: torch.Tensor, dtype, fmt) -> torch.Tensor:
 
 
 def _reference_forward(block, x):
-    features = [x]
     for layer in block.values():
-        features.append(layer(features))
-    return torch.cat(features, 1)
+        x = torch.cat([x, layer(x)], 1)
+    return x
 
 
 def _layer_params(layer) -> list[torch.Tensor]:
@@ -1088,23 +1135,39 @@ def features_forward(features: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     ImageNet stem's norm0/relu0, and norm5 with the final ReLU) run as the ``bn_relu`` op: its
     output goes into huge-page memory, and backward reads only the BN input. With the fused
     kernels, the ImageNet stem's BN-ReLU-max-pooling is the one-pass ``bn_relu_maxpool`` op."""
+    x = inference_layout(features, x)
+    if _hooked(features):
+        return F.relu(features(x))
+    return children_forward(list(features.children()), x)
+
+
+def inference_layout(features: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the layout the efficient path computes ``features`` in: channels-last for CPU
+    inference, else as it is."""
     if not features.training and x.dim() == 4 and x.device.type == "cpu" and not torch.jit.is_tracing():
         # inference: the blocks keep their maps channels-last, and an NCHW input would make
         # every convolution and transition read and write NCHW copies (fresh memory, page
         # faults; 0.55-0.7x the speed, measured at batch 250-500). Training keeps the input's
         # layout, so that dropout draws its masks in the plain modules' layout and order.
         x = x.contiguous(memory_format=torch.channels_last)
-    mods = list(features.children())
+    return x
+
+
+def children_forward(mods: list[nn.Module], x: torch.Tensor, relu: bool = True) -> torch.Tensor:
+    """Consecutive children ``mods`` of a DenseNet's ``features`` applied to ``x``, then a ReLU
+    if ``relu``; BN-ReLU (and the stem's BN-ReLU-max-pooling) as in :func:`features_forward`."""
     i = 0
     while i < len(mods):
         mod = mods[i]
         last = i == len(mods) - 1
         if (type(mod) is nn.BatchNorm2d and i + 2 < len(mods) and type(mods[i + 1]) is nn.ReLU
-                and _maxpool_fusable(mods[i + 2], x) and _bn_ok(mod, x) and _fused(x)):
+                and _maxpool_fusable(mods[i + 2], x) and _bn_ok(mod, x) and _fused(x)
+                and not _hooked(*mods[i:i + 3])):
             x = bn_relu_maxpool_forward(mod, mods[i + 2], x)
             i += 3
-        elif (type(mod) is nn.BatchNorm2d and (last or type(mods[i + 1]) is nn.ReLU)
-                and _bn_ok(mod, x)):
+        elif (type(mod) is nn.BatchNorm2d and _bn_ok(mod, x)
+                and (relu if last else type(mods[i + 1]) is nn.ReLU)
+                and not _hooked(*mods[i:i + 2])):
             x = bn_relu_forward(mod, x)
             if last:
                 return x
@@ -1112,7 +1175,7 @@ def features_forward(features: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         else:
             x = mod(x)
             i += 1
-    return F.relu(x)
+    return F.relu(x) if relu else x
 
 
 def bn_relu_forward(norm: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
@@ -1152,7 +1215,7 @@ def transition_forward(trans, x: torch.Tensor) -> torch.Tensor:
     part as one op that recomputes BN-ReLU in backward, like the block's layers; without
     active dropout, with the pooling before the convolution (``bn_relu_pool_conv``)."""
     norm, conv, pool = trans.norm, trans.conv, trans.pool
-    if (not _bn_ok(norm, x) or conv.bias is not None
+    if (not _bn_ok(norm, x) or _hooked_within(trans) or conv.bias is not None
             or conv.groups != 1 or conv.kernel_size != (1, 1) or conv.stride != (1, 1)
             or conv.padding != (0, 0) or conv.dilation != (1, 1)):
         return nn.Sequential.forward(trans, x)

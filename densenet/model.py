@@ -1,16 +1,20 @@
-"""DenseNet (Huang et al., CVPR 2017): layers, blocks, the two families and the model registry.
+"""DenseNet (Huang et al., CVPR 2017): layers, blocks, the two families, the backbone and the
+model registry.
 
 Submodule names follow torchvision (``features.denseblock1.denselayer1.norm1``) because that is
 the state-dict format the world's DenseNet checkpoints use. Architecture: the paper's section 3
-(dense connectivity, growth rate, bottleneck layers, compression) and Table 1.
+(dense connectivity, growth rate, bottleneck layers, compression) and Table 1. The backbone
+(:class:`DenseNetFeatures`, ``create_model(..., features_only=True)``) and
+:meth:`DenseNet.forward_intermediates` follow timm's conventions for multi-scale features.
 """
 
 from __future__ import annotations
 
+import operator
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -20,7 +24,8 @@ from . import efficient
 from .errors import UsageError
 from .weights import load_weights_into
 
-__all__ = ["DenseNet", "create_model", "list_models", "model_info", "densenet_cifar"]
+__all__ = ["DenseNet", "DenseNetFeatures", "FeatureInfo", "create_model", "list_models", "model_info",
+           "densenet_cifar"]
 
 IMPLEMENTATIONS = ("efficient", "reference")
 
@@ -28,7 +33,8 @@ IMPLEMENTATIONS = ("efficient", "reference")
 class DenseLayer(nn.Module):
     """H_l: BN-ReLU-Conv3x3 (basic) or BN-ReLU-Conv1x1(bn_size*k)-BN-ReLU-Conv3x3 (bottleneck).
 
-    Takes the list of all earlier feature maps of the block and returns the k new maps.
+    Takes the concatenation [x_0, ..., x_{l-1}] of all earlier feature maps of the block (or
+    their list, as torchvision's blocks pass it) and returns the k new maps (section 3).
     """
 
     def __init__(self, in_channels: int, growth_rate: int, bottleneck: bool, bn_size: int,
@@ -37,12 +43,12 @@ class DenseLayer(nn.Module):
         self.bottleneck = bottleneck
         self.drop_rate = float(drop_rate)
         self.norm1 = nn.BatchNorm2d(in_channels)
-        self.relu1 = nn.ReLU(inplace=True)
+        self.relu1 = nn.ReLU()
         if bottleneck:
             inner = bn_size * growth_rate
             self.conv1 = nn.Conv2d(in_channels, inner, kernel_size=1, bias=False)
             self.norm2 = nn.BatchNorm2d(inner)
-            self.relu2 = nn.ReLU(inplace=True)
+            self.relu2 = nn.ReLU()
             self.conv2 = nn.Conv2d(inner, growth_rate, kernel_size=3, padding=1, bias=False)
         else:
             self.conv1 = nn.Conv2d(in_channels, growth_rate, kernel_size=3, padding=1, bias=False)
@@ -84,7 +90,10 @@ class DenseLayer(nn.Module):
 
 class DenseBlock(nn.ModuleDict):
     """L layers, each reading the concatenation of the block input and all earlier outputs:
-    the plain formulation, which concatenates for every layer (memory quadratic in L)."""
+    the plain formulation, which concatenates for every layer (memory quadratic in L).
+
+    Each layer gets the concatenation as one tensor, so a full backward hook on a layer sees
+    its input gradient."""
 
     def __init__(self, num_layers: int, in_channels: int, growth_rate: int, bottleneck: bool,
                  bn_size: int, drop_rate: float):
@@ -101,10 +110,9 @@ class DenseBlock(nn.ModuleDict):
         return self.in_channels + len(self) * self.growth_rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = [x]
         for layer in self.values():
-            features.append(layer(features))
-        return torch.cat(features, 1)
+            x = torch.cat([x, layer(x)], 1)
+        return x
 
 
 class EfficientDenseBlock(DenseBlock):
@@ -122,7 +130,7 @@ class Transition(nn.Sequential):
     def __init__(self, in_channels: int, out_channels: int, drop_rate: float):
         super().__init__()
         self.norm = nn.BatchNorm2d(in_channels)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
         if drop_rate > 0:
             self.drop = nn.Dropout(drop_rate)
@@ -147,7 +155,143 @@ def _check_positive_int(name: str, value) -> int:
     return value
 
 
-class DenseNet(nn.Module):
+class FeatureInfo:
+    """The feature maps a backbone returns, described as timm describes them: per map its
+    channels (``num_chs``), its stride with respect to the input (``reduction``), the module
+    whose output it is (``module``) and its position among all the model's maps (``index``).
+
+    Iterating, indexing and ``len`` go over the selected maps (``out_indices``) as dicts, in the
+    order forward returns them; ``channels()``, ``reduction()`` and ``module_name()`` list them.
+    """
+
+    def __init__(self, info: Sequence[dict], out_indices: Sequence[int] | None = None):
+        self.info = [dict(d, index=i) for i, d in enumerate(info)]
+        self.out_indices = tuple(range(len(self.info)) if out_indices is None else out_indices)
+
+    def from_other(self, out_indices: Sequence[int]) -> "FeatureInfo":
+        """The same maps with another selection."""
+        return FeatureInfo(self.info, out_indices)
+
+    def get(self, key: str) -> list:
+        return [self.info[i][key] for i in self.out_indices]
+
+    def get_dicts(self, keys: Sequence[str] | None = None) -> list[dict]:
+        return [{k: d[k] for k in (keys or d)} for d in self]
+
+    def channels(self) -> list[int]:
+        return self.get("num_chs")
+
+    def reduction(self) -> list[int]:
+        return self.get("reduction")
+
+    def module_name(self) -> list[str]:
+        return self.get("module")
+
+    def __getitem__(self, item: int) -> dict:
+        return dict(self.info[self.out_indices[item]])
+
+    def __iter__(self) -> Iterator[dict]:
+        return (dict(self.info[i]) for i in self.out_indices)
+
+    def __len__(self) -> int:
+        return len(self.out_indices)
+
+    def __repr__(self) -> str:
+        return f"FeatureInfo({self.get_dicts()})"
+
+
+def _take_indices(n: int, indices, name: str) -> tuple[int, ...]:
+    """``indices`` of the ``n`` feature maps as sorted non-negative indices: None for all, an
+    int k for the last k (timm's convention), else a sequence of indices (negative ones count
+    from the end), each at most once."""
+    valid = f"valid indices are 0 to {n - 1}, or -{n} to -1 from the end"
+    if indices is None:
+        return tuple(range(n))
+    if isinstance(indices, int) and not isinstance(indices, bool):
+        if not 1 <= indices <= n:
+            raise UsageError(f"{name}={indices} asks for the last {indices} feature maps but the model "
+                             f"has {n}; give a count from 1 to {n}, or a sequence of indices ({valid}).")
+        return tuple(range(n - indices, n))
+    try:
+        items = [operator.index(i) if not isinstance(i, bool) else None for i in indices]
+    except TypeError:
+        items = None
+    if items is None or None in items:
+        raise UsageError(f"{name} must be None, a count or a sequence of integer indices ({valid}), "
+                         f"got {indices!r}.")
+    if not items:
+        raise UsageError(f"{name} is empty; select at least one of the model's {n} feature maps ({valid}).")
+    taken: list[int] = []
+    for i in items:
+        if not -n <= i < n:
+            raise UsageError(f"{name} {tuple(items)}: index {i} is out of range for the model's {n} "
+                             f"feature maps; {valid}.")
+        if i % n in taken:
+            raise UsageError(f"{name} {tuple(items)} selects feature map {i % n} twice; give each index once.")
+        taken.append(i % n)
+    return tuple(sorted(taken))
+
+
+def _run_plain(mods: list[nn.Module], x: torch.Tensor, relu: bool) -> torch.Tensor:
+    for mod in mods:
+        x = mod(x)
+    return F.relu(x) if relu else x
+
+
+class _Trunk(nn.Module):
+    """What the classifier and the backbone share: ``features`` (torchvision's names), the
+    implementation switch and the feature-map taps."""
+
+    features: nn.Sequential
+    implementation: str
+    feature_info: FeatureInfo
+    _tap_after: tuple[str, ...]  # per map, the child of ``features`` it is taken after
+
+    def set_implementation(self, implementation: str):
+        """Switch (in place) between the efficient and the plain block and transition classes;
+        they share parameters, buffers and state-dict names, so nothing is copied."""
+        if implementation not in IMPLEMENTATIONS:
+            raise UsageError(f"implementation must be one of {', '.join(IMPLEMENTATIONS)}, got {implementation!r}.")
+        block_cls, transition_cls = _CLASSES[implementation]
+        for m in self.modules():
+            if isinstance(m, DenseBlock):
+                m.__class__ = block_cls
+            elif isinstance(m, Transition):
+                m.__class__ = transition_cls
+        self.implementation = implementation
+        return self
+
+    def train(self, mode: bool = True):
+        # The efficient path keeps its large CPU buffers for reuse at the same sizes; a switch
+        # between training and evaluation (validation batches of another size) frees the idle
+        # ones, so the two phases never hold both sets.
+        if mode != self.training:
+            efficient.release_buffers()
+        return super().train(mode)
+
+    def _forward_taps(self, x: torch.Tensor, take: Sequence[int], to_end: bool):
+        """(last output, maps): the maps at the sorted tap indices ``take``; the last output is
+        the final features if ``to_end``, else the last map (nothing after it runs). Modules
+        between taps run together, so the efficient path fuses what it can within them."""
+        children = list(self.features.children())
+        names = list(self.features._modules)
+        ends = [names.index(self._tap_after[i]) + 1 for i in take]
+        if to_end:
+            ends.append(len(children))
+        use_ops = self.implementation == "efficient"
+        if use_ops:
+            x = efficient.inference_layout(self.features, x)
+        maps, start = [], 0
+        for end in ends:
+            if end > start:
+                mods, relu = children[start:end], end == len(children)  # norm5 and the final ReLU
+                x = efficient.children_forward(mods, x, relu) if use_ops else _run_plain(mods, x, relu)
+                start = end
+            maps.append(x)
+        return x, maps[:len(take)]
+
+
+class DenseNet(_Trunk):
     """Any DenseNet of the paper, from its parameters.
 
     Args:
@@ -163,6 +307,11 @@ class DenseNet(nn.Module):
         implementation: "efficient" (the default: blocks and transitions as the registered
             ``densenet::`` ops, shared buffer, recomputed BN-ReLU) or "reference" (the plain
             modules, a concatenation per layer); both have the same parameters and state dict.
+
+    ``feature_info`` describes the feature maps :meth:`forward_intermediates` (and the backbone,
+    :class:`DenseNetFeatures`) can return: for the ImageNet stem the output of norm0 and relu0
+    (stride 2, before the max-pooling), then one map per dense block, the block's output before
+    its transition, and for the last block the final features after norm5 and its ReLU.
     """
 
     def __init__(self, growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 24, 16),
@@ -200,14 +349,18 @@ class DenseNet(nn.Module):
         self.implementation = implementation
         block_cls, transition_cls = _CLASSES[implementation]
 
+        taps = []  # (child the map is taken after, feature_info entry)
         if stem == "imagenet":
+            taps.append(("relu0", dict(num_chs=num_init_features, reduction=2, module="features.norm0")))
+            reduction = 4
             stem_layers = [
                 ("conv0", nn.Conv2d(in_channels, num_init_features, 7, stride=2, padding=3, bias=False)),
                 ("norm0", nn.BatchNorm2d(num_init_features)),
-                ("relu0", nn.ReLU(inplace=True)),
+                ("relu0", nn.ReLU()),
                 ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
             ]
         else:
+            reduction = 1
             stem_layers = [("conv0", nn.Conv2d(in_channels, num_init_features, 3, padding=1, bias=False))]
         self.features = nn.Sequential(OrderedDict(stem_layers))
 
@@ -217,36 +370,20 @@ class DenseNet(nn.Module):
             self.features.add_module(f"denseblock{i + 1}", block)
             channels = block.out_channels
             if i != len(self.block_config) - 1:
+                taps.append((f"denseblock{i + 1}", dict(num_chs=channels, reduction=reduction,
+                                                        module=f"features.denseblock{i + 1}")))
                 out = int(self.compression * channels)  # floor(theta * m)
                 self.features.add_module(f"transition{i + 1}", transition_cls(channels, out, drop_rate))
                 channels = out
+                reduction *= 2  # the transition's 2x2 average pooling
         # torchvision calls the final BN "norm5" whatever the number of blocks; keep its name.
         self.features.add_module("norm5", nn.BatchNorm2d(channels))
+        taps.append(("norm5", dict(num_chs=channels, reduction=reduction, module="features.norm5")))
+        self._tap_after = tuple(after for after, _ in taps)
+        self.feature_info = FeatureInfo([info for _, info in taps])
         self.num_features = channels
         self.classifier = nn.Linear(channels, num_classes)
         self._init_weights()
-
-    def set_implementation(self, implementation: str) -> "DenseNet":
-        """Switch (in place) between the efficient and the plain block and transition classes;
-        they share parameters, buffers and state-dict names, so nothing is copied."""
-        if implementation not in IMPLEMENTATIONS:
-            raise UsageError(f"implementation must be one of {', '.join(IMPLEMENTATIONS)}, got {implementation!r}.")
-        block_cls, transition_cls = _CLASSES[implementation]
-        for m in self.modules():
-            if isinstance(m, DenseBlock):
-                m.__class__ = block_cls
-            elif isinstance(m, Transition):
-                m.__class__ = transition_cls
-        self.implementation = implementation
-        return self
-
-    def train(self, mode: bool = True) -> "DenseNet":
-        # The efficient path keeps its large CPU buffers for reuse at the same sizes; a switch
-        # between training and evaluation (validation batches of another size) frees the idle
-        # ones, so the two phases never hold both sets.
-        if mode != self.training:
-            efficient.release_buffers()
-        return super().train(mode)
 
     def _init_weights(self) -> None:
         # The paper's Torch code (fb.resnet.torch) draws conv weights from N(0, 2/n) with
@@ -265,6 +402,19 @@ class DenseNet(nn.Module):
         if self.implementation == "efficient":
             return efficient.features_forward(self.features, x)
         return F.relu(self.features(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
+                              intermediates_only: bool = False):
+        """The feature maps at ``indices`` of ``feature_info``, as timm returns them:
+        ``(final, maps)``, with ``final`` what :meth:`forward_features` returns, or only ``maps``
+        if ``intermediates_only`` (then nothing after the last selected map is computed).
+
+        ``indices``: None for all maps, an int n for the last n, or a sequence of indices
+        (negative ones count from the end). The maps come shallow to deep.
+        """
+        take = _take_indices(len(self.feature_info), indices, "indices")
+        final, maps = self._forward_taps(x, take, to_end=not intermediates_only)
+        return maps if intermediates_only else (final, maps)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
@@ -286,6 +436,47 @@ class DenseNet(nn.Module):
         else:
             self.classifier = nn.Linear(self.num_features, num_classes, device=p.device, dtype=p.dtype)
             nn.init.zeros_(self.classifier.bias)
+
+
+class DenseNetFeatures(_Trunk):
+    """A DenseNet without its classifier, as a backbone for detection or segmentation: forward
+    returns the list of feature maps at ``out_indices`` (timm's ``features_only``).
+
+    The maps are those of ``model.feature_info``: for the ImageNet stem norm0+relu0 at stride 2,
+    then each dense block's output, the last one after norm5 and its ReLU (each block works at
+    one resolution and the transitions between them halve it: section 3, "Pooling layers"), at
+    strides 4, 8, 16 and 32 for DenseNet-121; for the CIFAR nets the three blocks' outputs at
+    strides 1, 2 and 4. Nothing after the last selected map runs. ``feature_info`` describes the
+    selected maps.
+
+    The trunk keeps its name ``features``, so the state dict is the classifier's without
+    ``classifier.*``; a classifier's state dict (torchvision's, timm's, this package's, any
+    number of classes) loads strictly into it, its head ignored.
+
+    Args:
+        model: the DenseNet whose ``features`` this uses (shared, not copied).
+        out_indices: the maps to return: None for all, an int n for the last n, or a sequence
+            of indices into ``model.feature_info`` (negative ones count from the end).
+    """
+
+    def __init__(self, model: DenseNet, out_indices: int | Sequence[int] | None = None):
+        super().__init__()
+        if not isinstance(model, DenseNet):
+            raise UsageError(f"DenseNetFeatures wraps a DenseNet, got {type(model).__name__}.")
+        self.out_indices = _take_indices(len(model.feature_info), out_indices, "out_indices")
+        self.feature_info = model.feature_info.from_other(self.out_indices)
+        self.implementation = model.implementation
+        self._tap_after = model._tap_after
+        self.features = model.features
+        self.training = model.training
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self._forward_taps(x, self.out_indices, to_end=False)[1]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for key in [k for k in state_dict if k.startswith(prefix + "classifier.")]:
+            del state_dict[key]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- registry
@@ -330,15 +521,24 @@ def model_info(name: str) -> ModelInfo:
     )
 
 
-def create_model(name: str, weights: str | None = None, **overrides) -> DenseNet:
+def create_model(name: str, weights: str | None = None, features_only: bool = False,
+                 out_indices: int | Sequence[int] | None = None,
+                 **overrides) -> DenseNet | DenseNetFeatures:
     """Build a registered model by name; ``overrides`` replace any DenseNet argument.
 
     ``weights`` is a local checkpoint file (torchvision, timm or this package's own) loaded
-    strictly into the model.
+    strictly into the model. ``features_only`` gives the backbone instead
+    (:class:`DenseNetFeatures`, returning the feature maps at ``out_indices``); its weights may
+    come from a classifier of any number of classes.
     """
     info = model_info(name)
+    if out_indices is not None and not features_only:
+        raise UsageError("out_indices selects the feature maps of a backbone; pass features_only=True "
+                         "with it, or leave it out for the classifier.")
     kwargs = {**info.kwargs, **overrides}
     model = DenseNet(**kwargs)
+    if features_only:
+        model = DenseNetFeatures(model, out_indices)
     if weights is not None:
         load_weights_into(model, weights)
     return model
@@ -426,8 +626,8 @@ def count_macs(model: nn.Module, input_size: int, in_channels: int = 3) -> int:
 
 
 # Builders as functions too, for users who prefer ``densenet.densenet121()``.
-def _builder(name: str) -> Callable[..., DenseNet]:
-    def build(**overrides) -> DenseNet:
+def _builder(name: str) -> Callable[..., DenseNet | DenseNetFeatures]:
+    def build(**overrides) -> DenseNet | DenseNetFeatures:
         return create_model(name, **overrides)
     build.__name__ = name
     build.__doc__ = f"{_REGISTRY[name].description}."
