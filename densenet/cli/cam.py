@@ -4,16 +4,12 @@ from __future__ import annotations
 
 from ..cam import CAPTION_HEIGHT, cam_for_images, check_out_path, render_panels
 from ..devices import resolve_device
-from ..errors import UsageError
 from ..inference import load_for_inference
-from .types import DEVICES, positive_int
+from .types import DEVICES, add_image_source, images_and_source, positive_int
 
 
 def _cmd_cam(args) -> int:
-    if args.weights is not None:  # no run directory then: the first positional is an image
-        args.images, args.source = [args.source, *args.images], None
-    if not args.images:
-        raise UsageError("give one or more IMAGE files to explain.")
+    images_and_source(args, "explain")
     out = check_out_path(args.out)  # before any work
     loaded = load_for_inference(args.source, weights=args.weights, model=args.model)
     results = cam_for_images(loaded, args.images, args.class_name,
@@ -32,9 +28,7 @@ def register(sub) -> None:
                        "block for each image, preprocessed as 'densenet predict' does: one PNG "
                        "with a panel per image (the heat map blended over the resized/cropped "
                        "image, and a caption with the class and its probability).")
-    p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT",
-                   help="a training run directory or a checkpoint file (left out with --weights)")
-    p.add_argument("images", nargs="*", metavar="IMAGE")
+    add_image_source(p)
     p.add_argument("--out", required=True, metavar="FILE.png",
                    help="the PNG to write: (number of images x SIZE) x (SIZE + "
                         f"{CAPTION_HEIGHT}) pixels")
@@ -42,8 +36,5 @@ def register(sub) -> None:
                    help="explain this class in every image (default: each image's top class)")
     p.add_argument("--size", type=positive_int, default=224,
                    help="panel width and height in pixels (64 to 2048; default 224)")
-    p.add_argument("--weights", metavar="FILE",
-                   help="a torchvision or timm state-dict file (needs --model)")
-    p.add_argument("--model", help="the architecture of --weights, e.g. densenet121")
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.set_defaults(func=_cmd_cam)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 from ..devices import resolve_device
-from ..errors import UsageError
 from ..inference import SPLITS, evaluate, format_result, load_for_inference, predict
 from ..rundir import atomic_write_json
-from .types import DEVICES, add_weights_source, non_negative_int, positive_int
+from .types import (DEVICES, add_image_source, add_weights_source, images_and_source,
+                    non_negative_int, positive_int)
 
 
 def _cmd_eval(args) -> int:
@@ -25,10 +25,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    if args.weights is not None:  # no run directory then: the first positional is an image
-        args.images, args.source = [args.source, *args.images], None
-    if not args.images:
-        raise UsageError("give one or more IMAGE files to classify.")
+    images_and_source(args, "classify")
     loaded = load_for_inference(args.source, weights=args.weights, model=args.model)
     results = predict(loaded, args.images, args.topk, device=resolve_device(args.device))
     if args.json:
@@ -65,11 +62,7 @@ def register(sub) -> None:
     p = sub.add_parser("predict", help="top-k classes of image files",
                        description="The top-k class names with probabilities for each image "
                        "(any size, any mode Pillow reads), preprocessed as the training data was.")
-    p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT",
-                   help="a training run directory or a checkpoint file (left out with --weights)")
-    p.add_argument("images", nargs="*", metavar="IMAGE")
-    p.add_argument("--weights", metavar="FILE", help="a torchvision or timm state-dict file (needs --model)")
-    p.add_argument("--model", help="the architecture of --weights, e.g. densenet121")
+    add_image_source(p)
     p.add_argument("--topk", type=positive_int, default=5)
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--json", action="store_true", help="print JSON")
