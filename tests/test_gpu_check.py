@@ -28,8 +28,8 @@ def test_gpu_check_quick_on_the_cpu_runs_every_section_and_writes_its_table(tmp_
     assert all(row["status"] == "PASS" for row in correctness)
     # with dropout: float32 gradients normwise, and the float64 step exact to rounding
     rows = {row["row"]: row for row in correctness}
-    assert rows["densenet_bc28_k12 b8 fp32, dropout 0.2: gradients (normwise)"]["max_rel"] < 5e-3
-    assert rows["densenet_bc28_k12 b8 fp64, dropout 0.2: parameter gradients"]["max_rel"] < 1e-9
+    assert rows["densenet_bc28_k12 b8 fp32, dropout 0.2: gradients (normwise)"]["data"]["max_rel"] < 5e-3
+    assert rows["densenet_bc28_k12 b8 fp64, dropout 0.2: parameter gradients"]["data"]["max_rel"] < 1e-9
     assert "| section | row | value | status | notes |" in proc.stdout
 
 
