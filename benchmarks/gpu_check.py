@@ -409,8 +409,7 @@ def correctness_eager(env, rep, p):
                     _compare_rows(rep, label, a, b, TOL_FP32, TOL_FP32)
                 else:
                     _compare_rows(rep, label, a, b, TOL_FP32, TOL_FP32, normwise_grads=TOL_FP32_NORMWISE)
-                    eff64, ref64 = (copy.deepcopy(m).double() for m in _pair(name, drop))
-                    eff64, ref64 = eff64.to(env.device), ref64.to(env.device)
+                    eff64, ref64 = (m.double().to(env.device) for m in _pair(name, drop))
                     a = _one_step(env, eff64, eff64, x.double(), y, seed=1234, amp=False)
                     b = _one_step(env, ref64, ref64, x.double(), y, seed=1234, amp=False)
                     _compare_rows(rep, label.replace("fp32", "fp64"), a, b, TOL_FP64, TOL_FP64)

@@ -242,8 +242,11 @@ def train(model: str | None = None, recipe: str = "quickstart", data: str | None
     """
     if resume is not None:
         return _resume(resume, **options)
-    if model is None and options.get("weights") is not None and isinstance(options["weights"], str):
-        model = read_pretrained(options["weights"])[2]  # a checkpoint names its architecture
+    if isinstance(options.get("weights"), str):
+        # read before a run directory exists, so an unreadable file leaves nothing behind; a
+        # checkpoint names its architecture
+        named = read_pretrained(options["weights"])[2]
+        model = model or named
     cfg = make_config(model, recipe, data, out, set_fields=set_fields, **options)
     ds = _load_data(cfg)  # data errors before a run directory is created
     world = init_from_env(cfg.device)

@@ -221,3 +221,18 @@ def test_cam_command_mistakes_exit_2_with_a_message(checkpoint, images, tmp_path
                     "--out", out)
     assert "normalised" in message
     assert not out.exists()
+
+
+def test_cam_command_with_foreign_imagenet_weights(images, tmp_path, capsys):
+    import torchvision
+    torch.manual_seed(0)
+    torch.save(torchvision.models.densenet121(weights=None).state_dict(), tmp_path / "tv121.pth")
+    out = tmp_path / "cam.png"
+    assert main(["cam", "--weights", str(tmp_path / "tv121.pth"), "--model", "densenet121",
+                 str(images[0]), "--out", str(out), "--size", "64"]) == 0
+    path, *name, p = capsys.readouterr().out.splitlines()[0].split()
+    assert path == str(images[0]) and 0 < float(p) <= 1
+    from densenet.inference import imagenet_class_names
+    assert " ".join(name) in imagenet_class_names()  # 1000 outputs: ImageNet's names
+    with Image.open(out) as img:
+        assert img.size == (64, 64 + CAPTION_HEIGHT)

@@ -209,6 +209,10 @@ def test_small_images_are_upscaled_for_an_imagenet_model(tmp_path):
     from densenet.inference import image_transform, open_image
     x = image_transform(loaded.preprocess)(open_image(image))
     assert x.shape == (3, 64, 64)
+    # export takes the upscaled input size from the checkpoint
+    from densenet.export import export
+    report = export(loaded, "torchscript", tmp_path / "model.pt")
+    assert report["ok"] and (tmp_path / "model.pt").stat().st_size > 0
 
 
 def test_learning_rate_schedules():
@@ -228,6 +232,7 @@ def test_mistakes_are_clear_errors(tmp_path):
         _finetune(tmp_path, data, "r2", tmp_path / "tv121.pth")
     with pytest.raises(UsageError, match="does not exist"):
         _finetune(tmp_path, data, "r3", tmp_path / "nowhere.pth")
+    assert not (tmp_path / "r3").exists()  # checked before the run directory is made
     with pytest.raises(UsageError, match="recipe field optimizer must be sgd or adamw"):
         _finetune(tmp_path, data, "r4", tmp_path / "tv121.pth", set_fields={"optimizer": "adam"})
     with pytest.raises(UsageError, match="val_size must be a count or a fraction below 1"):
