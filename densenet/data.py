@@ -532,21 +532,22 @@ def holdout_split(n: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch
 
 # ----------------------------------------------------------------------------- device batches
 
-def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+def _epoch_generator(seed: int, epoch: int, device: str | torch.device = "cpu") -> torch.Generator:
     # one stream per (seed, epoch): an epoch's order and augmentation do not depend on what
     # ran before it, so a resumed run sees the same batches
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2 ** 63))
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + epoch) % (2 ** 63))
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
     """Random translation and mirroring of a float (B, C, H, W) batch, as in the paper: pad
     ``pad`` pixels of zeros on each side, take a random H x W crop, flip half the images
-    left-right. One gather for the whole batch; random numbers come from ``generator`` (CPU), so
-    a batch is the same on every device."""
+    left-right. One gather for the whole batch; the random numbers are drawn from ``generator``
+    on its device (a GPU generator spares each batch a host-to-device copy, which waits)."""
     b, c, h, w = x.shape
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
-    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+    gd = generator.device
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=gd).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=gd).to(x.device)
+    flip = (torch.rand(b, generator=generator, device=gd) < 0.5).to(x.device)
     padded = F.pad(x, (pad, pad, pad, pad))
     ar_w = torch.arange(w, device=x.device)
     rows = dy[:, None] + torch.arange(h, device=x.device)                  # (B, H)
@@ -568,8 +569,10 @@ class DeviceLoader:
     Yields ``(x, y)``: x float32 (B, C, H, W), ``(x / 255 - mean) / std``, optionally augmented
     (``augment_batch``: the zero padding comes after normalisation, so it is the mean colour, as
     in fb.resnet.torch), upscaled to ``resize`` x ``resize`` pixels if given (bilinear, for an
-    ImageNet-size model) and channels_last. Order and augmentation are drawn from a generator
-    seeded by (seed, epoch). For DDP, rank r of world w takes every w-th sample of the epoch's
+    ImageNet-size model) and channels_last. Order and augmentation are drawn from generators
+    seeded by (seed, epoch): the order on the CPU, the augmentation on the data's device (so on
+    a GPU no batch waits for a copy of random numbers; its batches then differ from a CPU run's
+    of the same seed). For DDP, rank r of world w takes every w-th sample of the epoch's
     order, the tail dropped so every rank has as many samples, hence batches.
     """
 
@@ -600,6 +603,8 @@ class DeviceLoader:
 
     def __iter__(self):
         g = _epoch_generator(self.seed, self.epoch)
+        device = self.data.images.device
+        g_aug = g if device.type == "cpu" else _epoch_generator(self.seed, self.epoch, device)
         n = len(self.data)
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
         order = order[self.rank:self.per_rank * self.world_size:self.world_size]
@@ -608,7 +613,7 @@ class DeviceLoader:
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             x = self.data.images[idx].float().div_(255).sub_(self.mean).div_(self.std)
             if self.augment:
-                x = augment_batch(x, g)
+                x = augment_batch(x, g_aug)
             if self.resize is not None and self.resize != x.shape[-1]:
                 x = upscale(x, self.resize)
             if self.channels_last:
