@@ -31,12 +31,14 @@ from .recipes import RECIPE_FIELDS, Recipe, get_recipe, override
 from .rundir import (atomic_write_json, load_checkpoint, remove_stale_temporaries,
                      save_checkpoint, write_metrics)
 from .sample import load_cifar10_sample
+from .steps import GraphedStep, check_graphable
 from .weights import load_pretrained, read_pretrained
 
 RUN_FIELDS = ("model", "recipe", "data", "out", "weights", "freeze", "new_head", "download", "seed", "device",
-              "amp", "channels_last", "compile", "sync_bn", "implementation", "max_steps",
+              "amp", "channels_last", "compile", "cuda_graph", "sync_bn", "implementation", "max_steps",
               "workers", "quiet")
 FREEZE = ("features",)
+SYNC_EVERY = 50  # --cuda-graph: steps between reads of the summed loss (host synchronisations)
 
 
 @dataclass
@@ -55,6 +57,7 @@ class TrainConfig:
     amp: str | None = None
     channels_last: bool = False
     compile: bool = False
+    cuda_graph: bool = False        # the whole step (forward, backward, SGD) as one CUDA graph
     sync_bn: bool = False           # SyncBatchNorm over all processes (DDP)
     implementation: str = "efficient"  # dense-block path; "reference" is the plain one
     max_steps: int | None = None
@@ -122,7 +125,8 @@ def _validate_run_fields(cfg: TrainConfig) -> None:
         ("implementation", cfg.implementation in ("efficient", "reference"),
          "efficient or reference"),
     ] + [(name, isinstance(getattr(cfg, name), bool), "true or false")
-         for name in ("new_head", "download", "channels_last", "compile", "sync_bn", "quiet")]
+         for name in ("new_head", "download", "channels_last", "compile", "cuda_graph", "sync_bn",
+                     "quiet")]
     for name, ok, expected in checks:
         if not ok:
             raise UsageError(f"--{name.replace('_', '-')} must be {expected}, got "
@@ -130,6 +134,17 @@ def _validate_run_fields(cfg: TrainConfig) -> None:
     if cfg.freeze and cfg.weights is None:
         raise UsageError(f"--freeze {cfg.freeze} keeps pretrained weights fixed; give them with "
                          f"--weights FILE (a torchvision/timm file, a checkpoint or a run directory).")
+    if cfg.cuda_graph and cfg.compile:
+        raise UsageError("--cuda-graph and --compile are two ways to run the step; choose one "
+                         "(--cuda-graph captures the eager step, whose dense blocks are already "
+                         "single ops).")
+    if cfg.cuda_graph and cfg.device == "cpu":
+        raise UsageError("--cuda-graph captures the training step on a GPU; use --device cuda "
+                         "(or auto on a machine with one), or leave --cuda-graph out.")
+    if cfg.cuda_graph and cfg.recipe.optimizer != "sgd":
+        raise UsageError(f"--cuda-graph steps SGD (the paper's optimizer), not "
+                         f"{cfg.recipe.optimizer}; use --set optimizer=sgd or leave --cuda-graph "
+                         f"out.")
     if cfg.new_head and cfg.weights is None:
         raise UsageError("--new-head replaces the classifier of pretrained weights; give them with "
                          "--weights FILE (without weights every run starts with a new one).")
@@ -250,6 +265,8 @@ def train(model: str | None = None, recipe: str = "quickstart", data: str | None
     cfg = make_config(model, recipe, data, out, set_fields=set_fields, **options)
     ds = _load_data(cfg)  # data errors before a run directory is created
     world = init_from_env(cfg.device)
+    if cfg.cuda_graph:  # before a run directory exists
+        check_graphable(_device_for(cfg, world), world.size)
     if world.size > 1 and cfg.out is None:
         raise UsageError("give --out RUN_DIR when training with several processes, so that "
                          "they all write to the same run directory.")
@@ -287,6 +304,8 @@ def _resume(run_dir: str, **options) -> dict:
     state = load_checkpoint(run_dir / "last.pt") if (run_dir / "last.pt").is_file() else None
     ds = _load_data(cfg)
     world = init_from_env(cfg.device)
+    if cfg.cuda_graph and (_device_for(cfg, world).type != "cuda" or world.size > 1):
+        cfg.cuda_graph = False  # the same steps, uncaptured, where a graph cannot run
     return _Run(cfg, run_dir, ds, world).fit(state)
 
 
@@ -315,6 +334,7 @@ class _Run:
         self.net = _build_model(cfg, self.overrides, self.device, world)
         self.params = count_parameters(self.net)
         self.optimizer = None  # made once the weights are in (which parts are pretrained)
+        self.graphed = None  # the captured step with --cuda-graph
         self.pretrained = None  # {"weights": path, "new_head": bool} when started from weights
         self.history: list[dict] = []
         self.best = {"val_error": None, "epoch": None}
@@ -327,12 +347,16 @@ class _Run:
             self._start()
         else:
             self._restore(state)
-        model = self._model_for_steps()
+        model, eager_model = self._models_for_steps()
+        if self.cfg.cuda_graph:
+            self.graphed = GraphedStep(model, self.optimizer, self.device, self.recipe.batch_size,
+                                       amp=self.cfg.amp,
+                                       label_smoothing=self.recipe.label_smoothing)
         train_loader = self.splits.loader(self.splits.train, train=True)
         val_loader = self.splits.loader(self.splits.val, train=False) if self.splits.val is not None else None
         stopped = False
         for epoch in range(self.epoch0, self.recipe.epochs):
-            row, stopped = self._train_epoch(model, train_loader, epoch)
+            row, stopped = self._train_epoch(model, eager_model, train_loader, epoch)
             if stopped:  # --max-steps in the middle of the epoch
                 self._checkpoint(("last.pt",), epoch, self.step_in_epoch)
                 self.log.info(f"stopped after --max-steps {self.cfg.max_steps} (epoch {epoch + 1}, "
@@ -417,19 +441,21 @@ class _Run:
             self.optimizer = torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum,
                                              nesterov=r.nesterov, weight_decay=r.weight_decay)
 
-    def _model_for_steps(self) -> torch.nn.Module:
-        """The model the steps call: wrapped in DDP for several processes, compiled if asked."""
+    def _models_for_steps(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """The model full batches go through (wrapped in DDP for several processes, compiled if
+        asked) and the one for a smaller last batch: the same without compilation, so that
+        batch is not compiled again for its shape."""
         model = self.net
         if self.world.size > 1:
             model = DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if self.cfg.compile:
-            model = torch.compile(model)
-        return model
+            return torch.compile(model), model
+        return model, model
 
     # --------------------------------------------------------------------- one epoch
 
-    def _train_epoch(self, model, loader, epoch: int) -> tuple[dict, bool]:
+    def _train_epoch(self, model, eager_model, loader, epoch: int) -> tuple[dict, bool]:
         """SGD steps over one epoch (from ``step_in_epoch`` on when resuming mid-epoch); returns
         the epoch's training numbers and whether ``max_steps`` stopped it before its end."""
         cfg, device = self.cfg, self.device
@@ -437,6 +463,9 @@ class _Run:
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g["lr_scale"]
         loader.set_epoch(epoch)
+        if self.graphed is not None:
+            self.graphed.set_lr()
+            return self._graphed_epoch(loader, epoch, lr)
         self.net.train()
         if cfg.freeze == "features":
             # frozen features also keep their BatchNorm statistics: evaluation mode, no
@@ -454,7 +483,7 @@ class _Run:
             if x.device != device:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device, cfg.amp):
-                logits = model(x)
+                logits = (model if x.shape[0] == loader.batch_size else eager_model)(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=self.recipe.label_smoothing)
             if not torch.isfinite(loss):
                 self._stop_non_finite(epoch + 1, loss.item())
@@ -476,6 +505,57 @@ class _Run:
         if stopped:
             return {}, True
         seen, loss_sum, wrong = all_reduce_sum([seen, loss_sum, wrong], device)
+        return {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
+                "train_error": wrong / max(seen, 1), "lr": lr,
+                "images_per_s": seen / max(seconds, 1e-9), "seconds": seconds}, False
+
+    def _graphed_epoch(self, loader, epoch: int, lr: float) -> tuple[dict, bool]:
+        """The epoch's steps through the captured step: losses and errors summed on the GPU and
+        read (and checked for a non-finite loss) every ``SYNC_EVERY`` steps and at the end, so
+        the host runs ahead of the GPU in between."""
+        cfg, device = self.cfg, self.device
+        self.net.train()
+        if cfg.freeze == "features":
+            self.net.features.eval()
+        t0 = time.time()
+        seen = 0
+        loss_acc = torch.zeros((), device=device)
+        wrong_acc = torch.zeros((), dtype=torch.long, device=device)
+        progress = _Progress(len(loader), f"epoch {epoch + 1}/{self.recipe.epochs}", cfg.quiet)
+        stopped, unread = False, 0
+
+        def read():
+            loss_sum, wrong = loss_acc.item(), wrong_acc.item()
+            if not math.isfinite(loss_sum):
+                self._stop_non_finite(epoch + 1, loss_sum, by=True)
+            progress.update(unread, loss=loss_sum / max(seen, 1), err=100 * wrong / max(seen, 1),
+                            ips=seen / max(time.time() - t0, 1e-9))
+            return loss_sum, wrong
+
+        for i, (x, y) in enumerate(loader):
+            if i < self.step_in_epoch:
+                progress.update(1)
+                continue
+            if x.device != device:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss, wrong = self.graphed(x, y)
+            loss_acc.add_(loss * y.numel())
+            wrong_acc.add_(wrong)
+            self.step += 1
+            self.step_in_epoch = i + 1
+            seen += y.numel()
+            unread += 1
+            if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                stopped = self.step_in_epoch < len(loader)
+                break
+            if unread == SYNC_EVERY:
+                read()
+                unread = 0
+        loss_sum, wrong = read()  # every loss of the epoch checked before any checkpoint
+        progress.close()
+        seconds = time.time() - t0
+        if stopped:
+            return {}, True
         return {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
                 "train_error": wrong / max(seen, 1), "lr": lr,
                 "images_per_s": seen / max(seconds, 1e-9), "seconds": seconds}, False
@@ -522,13 +602,13 @@ class _Run:
                 _save(self.run_dir / name, payload)
         barrier()
 
-    def _stop_non_finite(self, epoch: int, value: float):
+    def _stop_non_finite(self, epoch: int, value: float, by: bool = False):
         last = self.run_dir / "last.pt"
         where = (f"The last good checkpoint is {last}; resume with 'densenet train --resume "
                  f"{self.run_dir}' (perhaps after lowering the learning rate)."
                  if last.exists() else "No checkpoint was written yet.")
-        msg = (f"the training loss became {value} at step {self.step + 1} (epoch {epoch}); the "
-               f"run stopped. {where}")
+        at = f"by step {self.step}" if by else f"at step {self.step + 1}"
+        msg = (f"the training loss became {value} {at} (epoch {epoch}); the run stopped. {where}")
         self.log.info(msg)
         raise UsageError(msg)
 

@@ -14,11 +14,12 @@ from .types import DEVICES, non_negative_int, positive_float, positive_int
 
 # Options passed to densenet.train.train under their own names.
 RUN_OPTIONS = ("epochs", "batch_size", "lr", "weights", "freeze", "new_head", "seed", "device", "amp", "channels_last", "compile",
-               "sync_bn", "implementation", "max_steps", "workers", "quiet", "download")
+               "cuda_graph", "sync_bn", "implementation", "max_steps", "workers", "quiet", "download")
 # What a resumed run keeps from its config.json, by flag.
 FIXED_ON_RESUME = {"model": "--model", "recipe": "--recipe", "data": "--data", "out": "--out",
                    "epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "set": "--set",
-                   "weights": "--weights", "freeze": "--freeze", "new_head": "--new-head"}
+                   "weights": "--weights", "freeze": "--freeze", "new_head": "--new-head",
+                   "compile": "--compile", "cuda_graph": "--cuda-graph"}
 
 
 def parse_set(items: list[str] | None) -> dict:
@@ -129,6 +130,9 @@ def register(sub) -> None:
     p.add_argument("--amp", choices=["bf16"], help="bfloat16 autocast")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture the whole training step (forward, backward, SGD) in one CUDA "
+                   "graph and replay it (--device cuda, one process, SGD)")
     p.add_argument("--implementation", default="efficient", choices=["efficient", "reference"],
                    help="dense-block path: memory-efficient (default) or the plain reference")
     p.add_argument("--max-steps", type=positive_int, help="stop after this many steps (smoke runs)")

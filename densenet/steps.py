@@ -1,0 +1,169 @@
+"""The whole training step - forward, loss, backward and the SGD update - as one CUDA graph.
+
+A DenseNet-BC step on small images launches a few thousand kernels, each too short to hide the
+launch cost, so on a fast GPU the step is bound by the host, not by the GPU's arithmetic.
+Capturing the step once and replaying it launches all of them in one call. That needs a step
+with no host synchronisation (no ``.item()``, no pageable copy), static tensors (the batch is
+copied into fixed input tensors; parameters, gradients and optimizer state keep their
+addresses) and a learning rate that the graph reads from a tensor, so the schedule changes it
+without a new capture.
+
+``torch.optim.SGD`` reads a tensor learning rate with ``.item()`` outside ``torch.compile``, so
+the captured update is :func:`sgd_update`: the same arithmetic as its foreach path (weight
+decay, momentum, Nesterov), on its own momentum buffers, with the rate a 0-d tensor; a
+checkpoint's optimizer state is therefore the ordinary ``torch.optim.SGD`` state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UsageError
+
+
+@torch.no_grad()
+def sgd_update(optimizer: torch.optim.SGD, lrs: list[torch.Tensor]) -> None:
+    """One ``torch.optim.SGD`` step of every parameter with a gradient, with group i's learning
+    rate the 0-d tensor ``lrs[i]``: no host synchronisation, so a CUDA graph can replay it.
+    Every such parameter needs its momentum buffer already (after one ``optimizer.step()``);
+    ``maximize`` and ``foreach=False`` are not supported."""
+    if len(lrs) != len(optimizer.param_groups):
+        raise ValueError(f"sgd_update: {len(lrs)} learning rates for "
+                         f"{len(optimizer.param_groups)} parameter groups.")
+    for group, lr in zip(optimizer.param_groups, lrs):
+        if group.get("maximize"):
+            raise ValueError("sgd_update does not support maximize=True.")
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            continue
+        grads = [p.grad for p in params]
+        wd, momentum, dampening = group["weight_decay"], group["momentum"], group["dampening"]
+        if wd != 0:
+            grads = torch._foreach_add(grads, params, alpha=wd)
+        if momentum != 0:
+            try:
+                bufs = [optimizer.state[p]["momentum_buffer"] for p in params]
+            except KeyError:
+                raise ValueError("sgd_update needs the momentum buffers of one ordinary "
+                                 "optimizer.step() first.") from None
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, grads, alpha=1 - dampening)
+            grads = torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] else bufs
+        torch._foreach_add_(params, torch._foreach_mul(grads, torch.neg(lr)))
+
+
+def _autocast(device: torch.device, amp: str | None, cache: bool):
+    if amp in (None, "", "none", "off"):
+        return contextlib.nullcontext()
+    # a CUDA graph must not reuse autocast's cast cache across replays
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache)
+
+
+def check_graphable(device: torch.device, processes: int) -> None:
+    """Where a captured step can run (the optimizer is checked with the config)."""
+    if device.type != "cuda":
+        raise UsageError(f"--cuda-graph captures the training step on a GPU; this run's device is "
+                         f"{device}. Use --device cuda, or leave --cuda-graph out.")
+    if processes > 1:
+        raise UsageError("--cuda-graph runs in one process; leave it out with torchrun (the "
+                         "gradient all-reduce of DDP is not captured).")
+
+
+class GraphedStep:
+    """Training steps of ``model`` with the whole step captured in one CUDA graph.
+
+    The first ``warmup`` batches run eagerly (on a side stream on CUDA, as capture wants;
+    they also create SGD's momentum buffers); the next one is captured and every later batch of
+    that shape replays the graph after being copied into its static input. A batch of
+    another size (the epoch's last, smaller one) runs eagerly on the same tensors, so nothing is
+    captured or compiled again. Each call returns the step's loss and its number of wrong
+    predictions as device tensors, without waiting for the GPU. ``set_lr()`` after changing the
+    groups' ``lr`` passes the rates to the graph.
+
+    ``capture=False`` runs the same static-tensor step without a graph (any device): the path
+    that is tested where there is no GPU.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.SGD, device: torch.device,
+                 batch_size: int, amp: str | None = None, label_smoothing: float = 0.0,
+                 warmup: int = 3, capture: bool = True):
+        if type(optimizer) is not torch.optim.SGD:
+            raise ValueError("GraphedStep steps torch.optim.SGD only.")
+        if capture and device.type != "cuda":
+            raise ValueError("GraphedStep(capture=True) needs a CUDA device.")
+        self.model, self.optimizer, self.device, self.amp = model, optimizer, device, amp
+        self.batch_size = batch_size
+        self.label_smoothing, self.warmup, self.capture = label_smoothing, max(1, warmup), capture
+        self.lrs = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=device)
+                    for g in optimizer.param_groups]
+        self.graph = None
+        self.static = None  # (x, y, loss, wrong) once the step is static
+        self.eager_steps = 0
+        self.replays = 0
+
+    def set_lr(self) -> None:
+        for t, g in zip(self.lrs, self.optimizer.param_groups):
+            t.fill_(float(g["lr"]))
+
+    def _forward_loss(self, x, y, cache: bool):
+        with _autocast(self.device, self.amp, cache):
+            logits = self.model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        return logits, loss
+
+    def _eager(self, x, y):
+        """An ordinary step with torch's SGD; in place on gradients that the graph owns."""
+        self.optimizer.zero_grad(set_to_none=self.static is None)
+        logits, loss = self._forward_loss(x, y, cache=True)
+        loss.backward()
+        self.optimizer.step()
+        self.eager_steps += 1
+        return loss.detach(), (logits.argmax(1) != y).sum()
+
+    def _static_step(self):
+        x, y = self.static[0], self.static[1]
+        logits, loss = self._forward_loss(x, y, cache=False)
+        loss.backward()
+        sgd_update(self.optimizer, self.lrs)
+        self.static[2].copy_(loss.detach())
+        self.static[3].copy_((logits.argmax(1) != y).sum())
+
+    def _make_static(self, x, y) -> None:
+        self.static = [x.clone(), y.clone(), torch.zeros((), device=self.device),
+                       torch.zeros((), dtype=torch.long, device=self.device)]
+        self.optimizer.zero_grad(set_to_none=True)  # backward in the graph assigns them
+        if not self.capture:
+            return
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._static_step()
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.static is None:
+            if x.shape[0] != self.batch_size or self.eager_steps < self.warmup:
+                return self._warm(x, y)
+            self._make_static(x, y)
+        elif x.shape != self.static[0].shape or x.stride() != self.static[0].stride():
+            return self._eager(x, y)
+        self.static[0].copy_(x)
+        self.static[1].copy_(y)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self._static_step()
+        self.replays += 1
+        return self.static[2], self.static[3]
+
+    def _warm(self, x, y):
+        if not self.capture or self.static is not None:
+            return self._eager(x, y)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            out = self._eager(x, y)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        return out
