@@ -30,7 +30,17 @@ def test_gpu_check_quick_on_the_cpu_runs_every_section_and_writes_its_table(tmp_
     rows = {row["row"]: row for row in correctness}
     assert rows["densenet_bc28_k12 b8 fp32, dropout 0.2: gradients (normwise)"]["data"]["max_rel"] < 5e-3
     assert rows["densenet_bc28_k12 b8 fp64, dropout 0.2: parameter gradients"]["data"]["max_rel"] < 1e-9
+    # the product's graphed step (uncaptured on the CPU) matches the eager step and replays
+    speed = {row["row"]: row for row in doc["rows"] if row["section"] == "speed"}
+    graphed = speed["ours CUDA graph (whole step)"]
+    assert graphed["status"] == "PASS" and graphed["data"]["captured"] is False
+    assert abs(graphed["data"]["replay_loss"] - graphed["data"]["eager_loss"]) < 1e-3
+    # densenet train itself ran its epoch(s) and tested the result
+    product = [row for row in doc["rows"] if row["row"].startswith("densenet train eager")]
+    assert len(product) == 1 and len(product[0]["data"]["train_losses"]) >= 1
+    assert 0.0 < product[0]["data"]["test_acc"] <= 1.0
     assert "| section | row | value | status | notes |" in proc.stdout
+    assert "run directory:" not in proc.stdout  # the run's log goes to stderr with the progress
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where CUDA is missing")
