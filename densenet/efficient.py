@@ -29,7 +29,8 @@ arXiv 1707.06990):
   and in backward one pass that applies the ReLU mask, sums both BN gradient terms, adds the
   input gradient and recomputes BN-ReLU for the weight gradient. The 1x1 part goes through the
   rows in 4096-row chunks so the BN-ReLU scratch stays in cache between the kernel and ``mm``.
-  Where the kernels are unavailable (CUDA, no C compiler) the same steps use torch ops.
+  On CUDA the same passes are Triton kernels (``gpu_kernels.py``); where neither is
+  available (no C compiler, no Triton) the same steps use torch ops.
 * Few, large, reused allocations, the large ones backed by transparent huge pages: DenseNets'
   large temporaries are what makes the CPU slow (page faults on fresh memory; with glibc malloc
   torchvision's bc100 takes 100,000-500,000 faults per training step, see benchmarks/RESULTS.md).
@@ -54,7 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from . import kernels
+from . import gpu_kernels, kernels
 
 
 def release_buffers() -> int:
@@ -75,6 +76,12 @@ def _fused(t: torch.Tensor) -> bool:
     return kernels.available(t)
 
 
+def _triton(t: torch.Tensor) -> bool:
+    """Use the Triton kernels (gpu_kernels.py) for ``t``, a CUDA tensor; they keep the torch-op
+    path's contract (the gradient masked in place)."""
+    return gpu_kernels.available(t)
+
+
 def _col_stats(rows: torch.Tensor, eps: float, n: int, h: int, w: int):
     """Per-channel batch (mean, biased variance) of an (N*H*W, C) matrix."""
     if _fused(rows):
@@ -89,6 +96,8 @@ def _bn_relu(x: torch.Tensor, scale, shift, out: torch.Tensor) -> torch.Tensor:
     """out = relu(x * scale + shift): BN with folded statistics, then ReLU, one pass."""
     if _fused(x):
         return kernels.bn_relu(x, scale, shift, out)
+    if _triton(x):
+        return gpu_kernels.bn_relu(x, scale, shift, out)
     return torch.addcmul(shift, x, scale, out=out).relu_()
 
 
@@ -102,6 +111,8 @@ def _bn_relu_grad(x, g, scale, shift, mean, tmp, dx=None, sums=None, z=None, ass
         sums = torch.zeros(2, x.shape[1], dtype=torch.float64, device=x.device)
     if _fused(x):
         return kernels.bn_relu_grad(x, g, scale, shift, mean, dx, sums, z, assign)
+    if _triton(x):
+        return gpu_kernels.bn_relu_grad(x, g, scale, shift, mean, dx, sums, z, assign)
     if assign and dx is not None:
         dx.zero_()
     if z is not None:
@@ -123,6 +134,8 @@ def _affine_add(x, coef, const, src, out):
     """out = src + x * coef + const, per channel (``out`` may be ``src``)."""
     if _fused(x):
         return kernels.col_affine_add(x, coef, const, src, out)
+    if _triton(x):
+        return gpu_kernels.col_affine_add(x, coef, const, src, out)
     if out is not src:
         out.copy_(src)
     return out.addcmul_(x, coef).add_(const)
@@ -179,6 +192,8 @@ def _bn_grad_apply(x, g, scale, shift, mean, a, b, tmp, out=None):
     its sums (``g`` as left by ``_bn_relu_grad``)."""
     if _fused(x):
         return kernels.bn_grad_apply(x, g, scale, shift, mean, a, b, g if out is None else out)
+    if _triton(x):
+        return gpu_kernels.bn_grad_apply(x, g, scale, shift, mean, a, b, g if out is None else out)
     if out is not None:
         g = out.copy_(g)
     torch.sub(x, mean, out=tmp).mul_(b).add_(a)

@@ -473,29 +473,30 @@ def _describe(t) -> str:
     return f"a {kind} {t.dtype} {tuple(t.shape)} tensor on {t.device}"
 
 
-def _not_cpu(name: str, arg: str, t: torch.Tensor):
-    raise ValueError(f"{name}: {arg} must be a CPU tensor, got one on {t.device}")
+def _not_on(name: str, arg: str, t: torch.Tensor, device: str = "cpu"):
+    raise ValueError(f"{name}: {arg} must be a {device.upper()} tensor, got one on {t.device}")
 
 
 def _mat(name: str, arg: str, t, like: torch.Tensor | None = None, ref: str = "x",
-         write: bool = False) -> int:
+         write: bool = False, types=_TYPES, device: str = "cpu") -> int:
     """The row stride of the matrix ``t`` (the argument ``arg`` of kernel ``name``), checked:
-    with ``like``, shaped and typed like it (the kernel's input, called ``ref``); without, a
-    float32/float64 (m, c) matrix (the input itself). Its rows may not overlap, except in a
-    matrix only read (not ``write``) with row stride 0: rows broadcast from one, as autograd
-    hands out the gradient of a sum."""
+    with ``like``, shaped and typed like it (the kernel's input, called ``ref``); without, an
+    (m, c) matrix of one of ``types`` (the input itself). All on ``device`` (a device type).
+    Its rows may not overlap, except in a matrix only read (not ``write``) with row stride 0:
+    rows broadcast from one, as autograd hands out the gradient of a sum."""
     if like is None:
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             got = f"{t.dim()}-D {_what(t)}" if isinstance(t, torch.Tensor) else _what(t)
             raise ValueError(f"{name}: {arg} must be a 2-D (m, c) matrix, got {got}")
-        if t.dtype not in _TYPES:
-            raise ValueError(f"{name}: {arg} must be float32 or float64, got {t.dtype}")
+        if t.dtype not in types:
+            names = " or ".join(str(d).removeprefix("torch.") for d in types)
+            raise ValueError(f"{name}: {arg} must be {names}, got {t.dtype}")
     elif not isinstance(t, torch.Tensor) or t.shape != like.shape:
         raise ValueError(f"{name}: {arg} must be a {tuple(like.shape)} matrix like {ref}, got {_what(t)}")
     elif t.dtype != like.dtype:
         raise ValueError(f"{name}: {arg} must be {like.dtype} like {ref}, got {t.dtype}")
-    if not t.is_cpu:
-        _not_cpu(name, arg, t)
+    if t.device.type != device:
+        _not_on(name, arg, t, device)
     (ld, cs), (m, c) = t.stride(), t.shape
     if (cs != 1 and c > 1) or (ld < c and m > 1 and (write or ld != 0)):
         if cs != 1 and c > 1:
@@ -505,18 +506,20 @@ def _mat(name: str, arg: str, t, like: torch.Tensor | None = None, ref: str = "x
     return ld
 
 
-def _vec(name: str, arg: str, v, like: torch.Tensor, c: int, per: str = "column") -> torch.Tensor:
-    """The per-column vector ``v`` (``c`` elements, checked) as a contiguous tensor of ``like``'s
-    dtype: ``v`` itself when it is one (only its data pointer is used: no autograd, no copy -
-    the common case)."""
+def _vec(name: str, arg: str, v, like: torch.Tensor, c: int, per: str = "column",
+         dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The per-column vector ``v`` (``c`` elements, checked, on ``like``'s device) as a
+    contiguous tensor of ``dtype`` (default ``like``'s): ``v`` itself when it is one (only its
+    data pointer is used: no autograd, no copy - the common case)."""
     if not isinstance(v, torch.Tensor) or v.numel() != c:
         got = f"{v.numel()} {_what(v)}" if isinstance(v, torch.Tensor) else _what(v)
         raise ValueError(f"{name}: {arg} must have {c} elements (one per {per} of x), got {got}")
-    if not v.is_cpu:
-        _not_cpu(name, arg, v)
-    if v.dtype == like.dtype and v.is_contiguous():
+    if v.device != like.device:
+        _not_on(name, arg, v, like.device.type)
+    dtype = like.dtype if dtype is None else dtype
+    if v.dtype == dtype and v.is_contiguous():
         return v
-    return v.detach().to(like.dtype).contiguous()
+    return v.detach().to(dtype).contiguous()
 
 
 def _float64(name: str, arg: str, t, shape: tuple | None, numel: int, expected: str) -> torch.Tensor:
@@ -657,7 +660,7 @@ def _image(name: str, arg: str, t, like: torch.Tensor | None = None, shape: tupl
         if t.dtype != like.dtype:
             raise ValueError(f"{name}: {arg} must be {like.dtype} like x, got {t.dtype}")
     if not t.is_cpu:
-        _not_cpu(name, arg, t)
+        _not_on(name, arg, t)
     return t.shape
 
 

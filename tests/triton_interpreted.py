@@ -1,0 +1,131 @@
+"""Run by test_gpu_kernels.py in a process of its own: the Triton kernels under Triton's
+interpreter (on CPU tensors), against float64 formulas, then a whole DenseNet-BC training step
+through them against the plain modules. Prints one JSON object."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before Triton compiles anything
+
+import copy  # noqa: E402
+import json  # noqa: E402
+
+import torch  # noqa: E402
+
+from densenet import densenet_cifar, efficient, gpu_kernels  # noqa: E402
+
+
+def rel(got, ref):
+    ref = ref.double()
+    return ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def kernel_errors(dtype):
+    torch.manual_seed(0)
+    m, c, ld = 150, 37, 50  # 3 row blocks, 2 channel blocks, both ragged; strided rows
+    cols = lambda: torch.randn(m, ld)[:, :c].to(dtype)  # noqa: E731
+    x, g, src = cols(), cols(), cols()
+    scale, shift, mean, a, b = (torch.randn(c) for _ in range(5))
+    xd, gd = x.double(), g.double()
+    pre = xd * scale.double() + shift.double()
+    gp = torch.where(pre > 0, gd, 0)
+    out = {}
+    y = gpu_kernels.bn_relu(x, scale, shift, cols())
+    out["bn_relu"] = rel(y, pre.relu())
+    for variant in ("sums", "dx", "dx assign", "dx z"):
+        gg, dx, z = g.clone(), cols(), cols()
+        sums = gpu_kernels.bn_relu_grad(
+            x, gg, scale, shift, mean, dx=None if variant == "sums" else dx,
+            z=z if "z" in variant else None, assign="assign" in variant)
+        out[f"bn_relu_grad {variant}: g'"] = rel(gg, gp)
+        out[f"bn_relu_grad {variant}: sum g'"] = rel(sums[0], gp.sum(0))
+        out[f"bn_relu_grad {variant}: sum (x - mean) g'"] = rel(sums[1], ((xd - mean.double()) * gp).sum(0))
+        if "z" in variant:
+            out[f"bn_relu_grad {variant}: z"] = rel(z, pre.relu())
+    # dx += g' * scale and dx = g' * scale, on a copy kept for the expectation
+    dx0 = cols()
+    dx = dx0.clone()
+    gpu_kernels.bn_relu_grad(x, g.clone(), scale, shift, mean, dx=dx)
+    out["bn_relu_grad: dx += g' * scale"] = rel(dx, dx0.double() + gp * scale.double())
+    dx = dx0.clone()
+    gpu_kernels.bn_relu_grad(x, g.clone(), scale, shift, mean, dx=dx, assign=True)
+    out["bn_relu_grad: dx = g' * scale"] = rel(dx, gp * scale.double())
+    o = gpu_kernels.bn_grad_apply(x, g, scale, shift, mean, a, b, cols())
+    out["bn_grad_apply"] = rel(o, scale.double() * (gp - a.double() - (xd - mean.double()) * b.double()))
+    o = gpu_kernels.col_affine_add(x, a, b, src, cols())
+    out["col_affine_add"] = rel(o, src.double() + xd * a.double() + b.double())
+    return out
+
+
+def errors():
+    x = torch.randn(8, 4)
+    cases = {
+        "out shape": lambda: gpu_kernels.bn_relu(x, torch.ones(4), torch.ones(4), torch.empty(8, 5)),
+        "scale length": lambda: gpu_kernels.bn_relu(x, torch.ones(3), torch.ones(4), torch.empty(8, 4)),
+        "dtype": lambda: gpu_kernels.bn_relu(x.double(), torch.ones(4), torch.ones(4), torch.empty(8, 4)),
+        "g dtype": lambda: gpu_kernels.bn_relu_grad(x, x.bfloat16(), torch.ones(4), torch.ones(4), torch.ones(4)),
+        "overlapping rows": lambda: gpu_kernels.col_affine_add(
+            x, torch.ones(4), torch.ones(4), x, torch.empty(8, 4).as_strided((8, 4), (2, 1))),
+        "column stride": lambda: gpu_kernels.bn_grad_apply(
+            x, x, *(torch.ones(4),) * 5, torch.empty(4, 8).t()),
+        "sums shape": lambda: gpu_kernels.bn_relu_grad(x, x.clone(), torch.ones(4), torch.ones(4),
+                                                       torch.ones(4), sums=torch.zeros(2, 3)),
+        "meta tensor": lambda: gpu_kernels.bn_relu(x.to("meta"), torch.ones(4), torch.ones(4), x),
+    }
+    said = {}
+    for what, call in cases.items():
+        try:
+            call()
+            said[what] = None
+        except ValueError as e:
+            said[what] = str(e)
+    return said
+
+
+def block_step(case):
+    """One training step of a small DenseNet through the Triton kernels (interpreted) and the
+    same through the plain modules: worst relative difference over outputs, gradients and
+    buffers, and how often each kernel ran."""
+    calls = {}
+    for name in ("bn_relu", "bn_relu_grad", "bn_grad_apply", "col_affine_add"):
+        fn = getattr(gpu_kernels, name)
+
+        def counted(*args, _fn=fn, _name=name, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _fn(*args, **kwargs)
+        setattr(gpu_kernels, name, counted)
+    efficient._fused = lambda t: False  # not the C kernels ...
+    gpu_kernels.available = lambda t=None: t is None or t.dtype in gpu_kernels.TYPES  # ... these
+
+    torch.manual_seed(0)
+    model = densenet_cifar(**case)
+    x = torch.randn(3, 3, 8, 8)
+    res = {}
+    for impl in ("reference", "efficient"):
+        net = copy.deepcopy(model).set_implementation(impl).train()
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(1)
+        y = net(xi)
+        (y * torch.linspace(-1, 1, y.shape[1])).square().sum().backward()
+        res[impl] = dict(out=y.detach(), dx=xi.grad,
+                         **{"grad:" + k: p.grad for k, p in net.named_parameters()},
+                         **{"buffer:" + k: v for k, v in net.state_dict().items()
+                            if v.is_floating_point()})
+    ref, got = res["reference"], res["efficient"]
+    grad_scale = max(v.abs().max().item() for k, v in ref.items() if k.startswith("grad:"))
+    worst = 0.0
+    for k in ref:
+        floor = 1e-4 * grad_scale if k.startswith("grad:") else 1e-30
+        d = ((got[k].double() - ref[k].double()).abs().max()
+             / ref[k].double().abs().max().clamp_min(floor)).item()
+        worst = max(worst, d)
+    return {"worst_rel": worst, "calls": calls}
+
+
+if __name__ == "__main__":
+    print(json.dumps({
+        "kernels": {str(d).removeprefix("torch."): kernel_errors(d) for d in (torch.float32, torch.bfloat16)},
+        "errors": errors(),
+        "block": {"DenseNet-BC": block_step(dict(depth=16, growth_rate=4, bottleneck=True)),
+                  "basic DenseNet": block_step(dict(depth=13, growth_rate=4, bottleneck=False,
+                                                    compression=1.0))},
+    }))
