@@ -1,7 +1,8 @@
 """The Triton kernels that do the dense block's element-wise work on a GPU, run by Triton's
 interpreter on CPU tensors (in a process of its own, tests/triton_interpreted.py): each kernel
-against a float64 formula in float32 and bfloat16, their argument checks, and a whole training
-step of two small DenseNets through them against the plain modules."""
+against a float64 formula in float32 and bfloat16, their argument checks, and whole training
+steps of small DenseNets through them against the plain modules (float32, with and without
+dropout) and against the float32 step (bf16 autocast)."""
 
 import json
 import subprocess
@@ -49,13 +50,20 @@ def test_a_kernel_called_with_a_wrong_argument_raises_instead_of_launching(inter
     }
 
 
-@pytest.mark.parametrize("case", ["DenseNet-BC", "basic DenseNet"])
+@pytest.mark.parametrize("case", ["DenseNet-BC", "basic DenseNet", "DenseNet-BC with dropout"])
 def test_a_training_step_through_the_kernels_matches_the_plain_modules(interpreted, case):
     step = interpreted["block"][case]
     assert step["worst_rel"] < 1e-4  # outputs, input and parameter gradients, running stats
     # every kernel ran: nothing fell back to the torch ops
     assert set(step["calls"]) == {"bn_relu", "bn_relu_grad", "bn_grad_apply", "col_affine_add"}
     assert min(step["calls"].values()) >= 1
+
+
+def test_under_bf16_autocast_the_kernels_are_as_close_to_float32_as_the_plain_modules(interpreted):
+    err = interpreted["bf16"]  # global normwise error of the gradients against the float32 step
+    assert err["triton"] <= 1.5 * err["reference"] + 0.02, err
+    assert err["triton"] <= 1.5 * err["torch ops"] + 0.02, err
+    assert min(err["calls"].values()) >= 1 and len(err["calls"]) == 4
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens without a GPU")

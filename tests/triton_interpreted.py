@@ -1,6 +1,7 @@
 """Run by test_gpu_kernels.py in a process of its own: the Triton kernels under Triton's
-interpreter (on CPU tensors), against float64 formulas, then a whole DenseNet-BC training step
-through them against the plain modules. Prints one JSON object."""
+interpreter (on CPU tensors), against float64 formulas, then whole training steps of small
+DenseNets through them against the plain modules (float32) and against the float32 step (bf16
+autocast). Prints one JSON object."""
 
 import os
 
@@ -81,36 +82,43 @@ def errors():
     return said
 
 
+CALLS = {}
+for _name in ("bn_relu", "bn_relu_grad", "bn_grad_apply", "col_affine_add"):
+    def _counted(*args, _fn=getattr(gpu_kernels, _name), _name=_name, **kwargs):
+        CALLS[_name] = CALLS.get(_name, 0) + 1
+        return _fn(*args, **kwargs)
+    setattr(gpu_kernels, _name, _counted)
+efficient._fused = lambda t: False  # not the C kernels: the Triton ones, or else torch ops
+
+
+def _step(model, x, how, bf16):
+    """One training step on a copy of ``model``: "reference" (plain modules), "torch ops" (the
+    efficient block without kernels) or "triton" (the efficient block through the kernels)."""
+    triton = how == "triton"
+    gpu_kernels.available = (lambda t=None: t is None or t.dtype in gpu_kernels.TYPES) if triton \
+        else (lambda t=None: False)
+    net = copy.deepcopy(model).set_implementation("reference" if how == "reference" else "efficient")
+    net.train()
+    xi = x.clone().requires_grad_(True)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        y = net(xi).float()
+    (y * torch.linspace(-1, 1, y.shape[1])).square().sum().backward()
+    return dict(out=y.detach(), dx=xi.grad,
+                **{"grad:" + k: p.grad for k, p in net.named_parameters()},
+                **{"buffer:" + k: v for k, v in net.state_dict().items() if v.is_floating_point()})
+
+
 def block_step(case):
-    """One training step of a small DenseNet through the Triton kernels (interpreted) and the
-    same through the plain modules: worst relative difference over outputs, gradients and
-    buffers, and how often each kernel ran."""
-    calls = {}
-    for name in ("bn_relu", "bn_relu_grad", "bn_grad_apply", "col_affine_add"):
-        fn = getattr(gpu_kernels, name)
-
-        def counted(*args, _fn=fn, _name=name, **kwargs):
-            calls[_name] = calls.get(_name, 0) + 1
-            return _fn(*args, **kwargs)
-        setattr(gpu_kernels, name, counted)
-    efficient._fused = lambda t: False  # not the C kernels ...
-    gpu_kernels.available = lambda t=None: t is None or t.dtype in gpu_kernels.TYPES  # ... these
-
+    """One float32 training step of a small DenseNet through the Triton kernels (interpreted)
+    and the same through the plain modules: worst relative difference over outputs, gradients
+    and buffers, and how often each kernel ran."""
     torch.manual_seed(0)
     model = densenet_cifar(**case)
     x = torch.randn(3, 3, 8, 8)
-    res = {}
-    for impl in ("reference", "efficient"):
-        net = copy.deepcopy(model).set_implementation(impl).train()
-        xi = x.clone().requires_grad_(True)
-        torch.manual_seed(1)
-        y = net(xi)
-        (y * torch.linspace(-1, 1, y.shape[1])).square().sum().backward()
-        res[impl] = dict(out=y.detach(), dx=xi.grad,
-                         **{"grad:" + k: p.grad for k, p in net.named_parameters()},
-                         **{"buffer:" + k: v for k, v in net.state_dict().items()
-                            if v.is_floating_point()})
-    ref, got = res["reference"], res["efficient"]
+    ref = _step(model, x, "reference", False)
+    CALLS.clear()
+    got = _step(model, x, "triton", False)
     grad_scale = max(v.abs().max().item() for k, v in ref.items() if k.startswith("grad:"))
     worst = 0.0
     for k in ref:
@@ -118,7 +126,27 @@ def block_step(case):
         d = ((got[k].double() - ref[k].double()).abs().max()
              / ref[k].double().abs().max().clamp_min(floor)).item()
         worst = max(worst, d)
-    return {"worst_rel": worst, "calls": calls}
+    return {"worst_rel": worst, "calls": dict(CALLS)}
+
+
+def bf16_step(case):
+    """The same step under bf16 autocast: the global normwise error of the input and parameter
+    gradients against the float32 step, for the plain modules, the efficient block's torch ops
+    and its Triton kernels (per-tensor differences of a tiny bf16 net are all large)."""
+    torch.manual_seed(0)
+    model = densenet_cifar(**case)
+    x = torch.randn(4, 3, 8, 8)
+    exact = _step(model, x, "reference", False)
+    keys = [k for k in exact if k == "dx" or k.startswith("grad:")]
+    flat = lambda r: torch.cat([r[k].double().flatten() for k in keys])  # noqa: E731
+    out = {}
+    for how in ("reference", "torch ops", "triton"):
+        CALLS.clear()
+        r = _step(model, x, how, True)
+        out[how] = ((flat(r) - flat(exact)).norm() / flat(exact).norm()).item()
+        if how == "triton":
+            out["calls"] = dict(CALLS)
+    return out
 
 
 if __name__ == "__main__":
@@ -127,5 +155,8 @@ if __name__ == "__main__":
         "errors": errors(),
         "block": {"DenseNet-BC": block_step(dict(depth=16, growth_rate=4, bottleneck=True)),
                   "basic DenseNet": block_step(dict(depth=13, growth_rate=4, bottleneck=False,
-                                                    compression=1.0))},
+                                                    compression=1.0)),
+                  "DenseNet-BC with dropout": block_step(dict(depth=16, growth_rate=4,
+                                                              bottleneck=True, drop_rate=0.2))},
+        "bf16": bf16_step(dict(depth=16, growth_rate=4, bottleneck=True)),
     }))
