@@ -15,9 +15,10 @@ one or more full passes over an (N*H*W, C) matrix. The kernels here do each grou
 * ``bn_relu_maxpool`` the ImageNet stem's BN-ReLU-max-pooling in one pass, and its backward
                    (``bn_relu_maxpool_grad``) to BN's output gradient and sums in one more
 
-They are plain C (float and double) over row-major matrices with a leading dimension, so they
-read column slices of the shared buffer in place, and are parallel over rows with OpenMP - the
-same ``libgomp`` PyTorch itself loaded (the library is linked against ``libgomp.so.1``, which the
+They are plain C over row-major matrices with a leading dimension, so they read column slices
+of the shared buffer in place. They take float, double and bfloat16 (stored as 16 bits,
+computed in float and rounded once to nearest even, as PyTorch rounds; so bf16 autocast keeps
+them). They are parallel over rows with OpenMP - the same ``libgomp`` PyTorch itself loaded (the library is linked against ``libgomp.so.1``, which the
 dynamic loader resolves to the copy already in the process), with ``torch.get_num_threads()``
 threads. They are compiled with the system C compiler (``$CC`` or ``cc``) into
 ``$DENSENET_CACHE`` (default ``~/.cache/densenet``) the first time they are needed, which takes
@@ -43,15 +44,15 @@ from string import Template
 import torch
 
 _TEMPLATE = Template(r"""
-void bn_relu_$S(long m, long c, const $T *restrict x, long ldx, const $T *restrict scale,
-                const $T *restrict shift, $T *restrict z, long ldz, int nt) {
+void bn_relu_$S(long m, long c, const $T *restrict x, long ldx, const $A *restrict scale,
+                const $A *restrict shift, $T *restrict z, long ldz, int nt) {
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (long i = 0; i < m; i++) {
         const $T *xi = x + i * ldx;
         $T *zi = z + i * ldz;
         for (long j = 0; j < c; j++) {
-            $T v = xi[j] * scale[j] + shift[j];
-            zi[j] = v > 0 ? v : 0;
+            $A v = LD_$S(xi[j]) * scale[j] + shift[j];
+            zi[j] = ST_$S(v > 0 ? v : 0);
         }
     }
 }
@@ -92,12 +93,12 @@ int col_stats_acc_$S(long m, long c, const $T *restrict x, long ldx, double *res
                 for (long j = 0; j < 2 * c; j++) bmu[j] = 0;
                 for (long i = i0; i < i0 + r; i++) {
                     const $T *restrict xi = x + i * ldx;
-                    for (long j = 0; j < c; j++) bmu[j] += xi[j];
+                    for (long j = 0; j < c; j++) bmu[j] += LD_$S(xi[j]);
                 }
                 for (long j = 0; j < c; j++) bmu[j] /= r;
                 for (long i = i0; i < i0 + r; i++) {
                     const $T *restrict xi = x + i * ldx;
-                    for (long j = 0; j < c; j++) { double d = xi[j] - bmu[j]; bm2[j] += d * d; }
+                    for (long j = 0; j < c; j++) { double d = LD_$S(xi[j]) - bmu[j]; bm2[j] += d * d; }
                 }
                 merge_$S(c, mu, m2, cnt, bmu, bm2, (double)r);
                 cnt += r;
@@ -129,20 +130,35 @@ void copy_cols_$S(long m, long c, const $T *restrict src, long lds, $T *restrict
 }
 
 static inline void grad_rows_$S(long r, long c, const $T *restrict x, long ldx,
-                                const $T *restrict g, long ldg, const $T *restrict scale,
-                                const $T *restrict shift, const $T *restrict mean,
+                                const $T *restrict g, long ldg, const $A *restrict scale,
+                                const $A *restrict shift, const $A *restrict mean,
                                 $T *restrict dx, long lddx, int assign, $T *restrict z,
-                                long ldz, $T *restrict ag, $T *restrict axg) {
+                                long ldz, $A *restrict ag, $A *restrict axg) {
+    /* one loop with dx, one without: with the test inside, GCC vectorises the bfloat16 loop
+       of neither case */
     for (long i = 0; i < r; i++) {
         const $T *restrict xi = x + i * ldx, *restrict gi = g + i * ldg;
         $T *restrict di = dx ? dx + i * lddx : 0, *restrict zi = z ? z + i * ldz : 0;
-        for (long j = 0; j < c; j++) {
-            $T pre = xi[j] * scale[j] + shift[j];
-            $T gm = pre > 0 ? gi[j] : 0;
-            ag[j] += gm;
-            axg[j] += (xi[j] - mean[j]) * gm;
-            if (di) di[j] = (assign ? 0 : di[j]) + gm * scale[j];
-            if (zi) zi[j] = pre > 0 ? pre : 0;
+        if (di) {
+            for (long j = 0; j < c; j++) {
+                $A xv = LD_$S(xi[j]), gv = LD_$S(gi[j]);
+                $A pre = xv * scale[j] + shift[j];
+                $A gm = pre > 0 ? gv : 0;
+                ag[j] += gm;
+                axg[j] += (xv - mean[j]) * gm;
+                $A old = assign ? 0 : LD_$S(di[j]);
+                di[j] = ST_$S(old + gm * scale[j]);
+                if (zi) zi[j] = ST_$S(pre > 0 ? pre : 0);
+            }
+        } else {
+            for (long j = 0; j < c; j++) {
+                $A xv = LD_$S(xi[j]), gv = LD_$S(gi[j]);
+                $A pre = xv * scale[j] + shift[j];
+                $A gm = pre > 0 ? gv : 0;
+                ag[j] += gm;
+                axg[j] += (xv - mean[j]) * gm;
+                if (zi) zi[j] = ST_$S(pre > 0 ? pre : 0);
+            }
         }
     }
 }
@@ -159,10 +175,10 @@ static void add_partial_sums_$S(long c, int nt, double *part, double *restrict s
 }
 
 int bn_relu_grad_$S(long m, long c, const $T *restrict x, long ldx, const $T *restrict g,
-                    long ldg, const $T *restrict scale, const $T *restrict shift,
-                    const $T *restrict mean, $T *restrict dx, long lddx, int assign,
+                    long ldg, const $A *restrict scale, const $A *restrict shift,
+                    const $A *restrict mean, $T *restrict dx, long lddx, int assign,
                     $T *restrict z, long ldz, double *restrict sums, int nt) {
-    /* per thread: $T partial sums over blocks of 64 rows, added into double totals (sums is
+    /* per thread: $A partial sums over blocks of 64 rows, added into double totals (sums is
        left as it was when scratch cannot be allocated: returns 1) */
     double *part = scratch_calloc((size_t)nt * 2 * c, sizeof(double));
     if (!part) return 1;
@@ -171,12 +187,12 @@ int bn_relu_grad_$S(long m, long c, const $T *restrict x, long ldx, const $T *re
     {
         int t = omp_get_thread_num(), n = omp_get_num_threads();
         double *dg = part + (long)t * 2 * c, *dxg = dg + c;
-        $T *ag = scratch_malloc(sizeof($T) * 2 * c);
+        $A *ag = scratch_malloc(sizeof($A) * 2 * c);
         if (!ag) {
             #pragma omp atomic write
             fail = 1;
         } else {
-            $T *axg = ag + c;
+            $A *axg = ag + c;
             long hi = m * (t + 1) / n;
             for (long i = m * t / n; i < hi; i += 64) {
                 long r = hi - i < 64 ? hi - i : 64;
@@ -194,27 +210,28 @@ int bn_relu_grad_$S(long m, long c, const $T *restrict x, long ldx, const $T *re
 }
 
 void bn_grad_apply_$S(long m, long c, const $T *restrict x, long ldx, const $T *g, long ldg,
-                      const $T *restrict scale, const $T *restrict shift,
-                      const $T *restrict mean, const $T *restrict a, const $T *restrict b,
+                      const $A *restrict scale, const $A *restrict shift,
+                      const $A *restrict mean, const $A *restrict a, const $A *restrict b,
                       $T *out, long ldo, int nt) {
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (long i = 0; i < m; i++) {
         const $T *xi = x + i * ldx, *gi = g + i * ldg;
         $T *oi = out + i * ldo;
         for (long j = 0; j < c; j++) {
-            $T gm = xi[j] * scale[j] + shift[j] > 0 ? gi[j] : 0;
-            oi[j] = scale[j] * (gm - a[j] - (xi[j] - mean[j]) * b[j]);
+            $A xv = LD_$S(xi[j]), gv = LD_$S(gi[j]);
+            $A gm = xv * scale[j] + shift[j] > 0 ? gv : 0;
+            oi[j] = ST_$S(scale[j] * (gm - a[j] - (xv - mean[j]) * b[j]));
         }
     }
 }
 
-void col_affine_add_$S(long m, long c, const $T *restrict x, long ldx, const $T *restrict coef,
-                       const $T *restrict cst, const $T *src, long lds, $T *dst, long ldd, int nt) {
+void col_affine_add_$S(long m, long c, const $T *restrict x, long ldx, const $A *restrict coef,
+                       const $A *restrict cst, const $T *src, long lds, $T *dst, long ldd, int nt) {
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (long i = 0; i < m; i++) {
         const $T *xi = x + i * ldx, *si = src + i * lds;
         $T *di = dst + i * ldd;
-        for (long j = 0; j < c; j++) di[j] = si[j] + xi[j] * coef[j] + cst[j];
+        for (long j = 0; j < c; j++) di[j] = ST_$S(LD_$S(si[j]) + LD_$S(xi[j]) * coef[j] + cst[j]);
     }
 }
 
@@ -223,13 +240,13 @@ void col_affine_add_$S(long m, long c, const $T *restrict x, long ldx, const $T 
    x * scale + shift, so neither the BN-ReLU output nor the pooling indices are ever stored.
    A NaN wins its window, as in PyTorch's max pooling. Parallel over output rows. */
 int bn_relu_maxpool_$S(long n, long h, long w, long c, const $T *restrict x,
-                       const $T *restrict scale, const $T *restrict shift, long kh, long kw,
+                       const $A *restrict scale, const $A *restrict shift, long kh, long kw,
                        long sh, long sw, long ph, long pw, long oh, long ow, $T *restrict out,
                        int nt) {
     int fail = 0;
     #pragma omp parallel num_threads(nt)
     {
-        $T *mx = scratch_malloc(sizeof($T) * c);
+        $A *mx = scratch_malloc(sizeof($A) * c);
         if (!mx) {
             #pragma omp atomic write
             fail = 1;
@@ -250,12 +267,12 @@ int bn_relu_maxpool_$S(long n, long h, long w, long c, const $T *restrict x,
                     for (long xx = x0; xx < x1; xx++) {
                         const $T *restrict xi = x + ((img * h + yy) * w + xx) * c;
                         for (long j = 0; j < c; j++) {
-                            $T v = xi[j] * scale[j] + shift[j];
+                            $A v = LD_$S(xi[j]) * scale[j] + shift[j];
                             mx[j] = (v > mx[j] || v != v) ? v : mx[j];
                         }
                     }
                 $T *restrict oi = out + ((img * oh + oy) * ow + ox) * c;
-                for (long j = 0; j < c; j++) oi[j] = (mx[j] > 0 || mx[j] != mx[j]) ? mx[j] : 0;
+                for (long j = 0; j < c; j++) oi[j] = ST_$S((mx[j] > 0 || mx[j] != mx[j]) ? mx[j] : 0);
             }
         }
         free(mx);
@@ -269,8 +286,8 @@ int bn_relu_maxpool_$S(long n, long h, long w, long c, const $T *restrict x,
    (x - mean) * g' added to sums (double, 2 x c). Parallel over images: windows overlap within
    an image only. */
 int bn_relu_maxpool_grad_$S(long n, long h, long w, long c, const $T *restrict x,
-                            const $T *restrict scale, const $T *restrict shift,
-                            const $T *restrict mean, long kh, long kw, long sh, long sw, long ph,
+                            const $A *restrict scale, const $A *restrict shift,
+                            const $A *restrict mean, long kh, long kw, long sh, long sw, long ph,
                             long pw, long oh, long ow, const $T *restrict gout,
                             $T *restrict dx, double *restrict sums, int nt) {
     double *part = scratch_calloc((size_t)nt * 2 * c, sizeof(double));
@@ -280,20 +297,20 @@ int bn_relu_maxpool_grad_$S(long n, long h, long w, long c, const $T *restrict x
     {
         int t = omp_get_thread_num();
         double *dg = part + (long)t * 2 * c, *dxg = dg + c;
-        $T *mx = scratch_malloc(sizeof($T) * 3 * c);
+        $A *mx = scratch_malloc(sizeof($A) * 3 * c);
         long *arg = scratch_malloc(sizeof(long) * c);
         int ok = mx && arg;
         if (!ok) {
             #pragma omp atomic write
             fail = 1;
         }
-        $T *ag = ok ? mx + c : 0, *axg = ok ? ag + c : 0;
+        $A *ag = ok ? mx + c : 0, *axg = ok ? ag + c : 0;
         #pragma omp for schedule(static)
         for (long img = 0; img < n; img++) {
             if (!ok) continue;  /* every thread still takes part in the worksharing loop */
             const $T *restrict xim = x + img * h * w * c;
             $T *restrict dim = dx + img * h * w * c;
-            for (long i = 0; i < h * w * c; i++) dim[i] = 0;
+            for (long i = 0; i < h * w * c; i++) dim[i] = ST_$S(0);
             for (long oy = 0; oy < oh; oy++) {
                 long y0 = oy * sh - ph, y1 = y0 + kh;
                 if (y0 < 0) y0 = 0;
@@ -309,7 +326,7 @@ int bn_relu_maxpool_grad_$S(long n, long h, long w, long c, const $T *restrict x
                             const $T *restrict xi = xim + (yy * w + xx) * c;
                             long pos = yy * w + xx;
                             for (long j = 0; j < c; j++) {
-                                $T v = xi[j] * scale[j] + shift[j];
+                                $A v = LD_$S(xi[j]) * scale[j] + shift[j];
                                 int take = v > mx[j] || v != v;
                                 mx[j] = take ? v : mx[j];
                                 arg[j] = take ? pos : arg[j];
@@ -319,9 +336,10 @@ int bn_relu_maxpool_grad_$S(long n, long h, long w, long c, const $T *restrict x
                     for (long j = 0; j < c; j++) {
                         if (mx[j] > 0) {
                             long at = arg[j] * c + j;
-                            dim[at] += gi[j];
-                            ag[j] += gi[j];
-                            axg[j] += (xim[at] - mean[j]) * gi[j];
+                            $A gv = LD_$S(gi[j]);
+                            dim[at] = ST_$S(LD_$S(dim[at]) + gv);
+                            ag[j] += gv;
+                            axg[j] += (LD_$S(xim[at]) - mean[j]) * gv;
                         }
                     }
                 }
@@ -338,6 +356,7 @@ int bn_relu_maxpool_grad_$S(long n, long h, long w, long c, const $T *restrict x
 """)
 
 _HEADER = r"""#include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <omp.h>
 
@@ -347,9 +366,33 @@ _HEADER = r"""#include <math.h>
    work and sets the shared flag), and free all they allocated either way. */
 static inline void *scratch_malloc(size_t n) { return malloc(n ? n : 1); }
 static inline void *scratch_calloc(size_t n, size_t size) { return calloc(n ? n : 1, size ? size : 1); }
+
+/* Element loads and stores: float and double as they are; bfloat16 (stored as uint16_t) widened
+   to float on load and rounded to nearest even on store, NaN to 0x7fc0, as PyTorch rounds. */
+#define LD_f32(v) (v)
+#define ST_f32(v) (v)
+#define LD_f64(v) (v)
+#define ST_f64(v) (v)
+#define LD_bf16(v) bf16_to_float(v)
+#define ST_bf16(v) float_to_bf16(v)
+/* (branch-free, through a union: so that GCC vectorises the loops that use them) */
+typedef union { uint32_t u; float f; } bits32;
+static inline float bf16_to_float(uint16_t h) {
+    bits32 v;
+    v.u = (uint32_t)h << 16;
+    return v.f;
+}
+static inline uint16_t float_to_bf16(float f) {
+    bits32 v;
+    v.f = f;
+    uint32_t rounded = (v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16;
+    return (uint16_t)(f != f ? 0x7fc0u : rounded);
+}
 """
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared"]
-_TYPES = {torch.float32: ("float", "f32"), torch.float64: ("double", "f64")}
+# dtype: (C storage type, C arithmetic type, suffix)
+_TYPES = {torch.float32: ("float", "float", "f32"), torch.float64: ("double", "double", "f64"),
+          torch.bfloat16: ("uint16_t", "float", "bf16")}
 _STATUS = ("col_stats_acc", "bn_relu_grad", "bn_relu_maxpool", "bn_relu_maxpool_grad")
 
 _lock = threading.Lock()
@@ -358,7 +401,7 @@ _error: str | None = None
 
 
 def _source() -> str:
-    return _HEADER + "".join(_TEMPLATE.substitute(T=t, S=s) for t, s in _TYPES.values())
+    return _HEADER + "".join(_TEMPLATE.substitute(T=t, A=a, S=s) for t, a, s in _TYPES.values())
 
 
 def _cpu_id() -> str:
@@ -402,7 +445,7 @@ def _build() -> ctypes.CDLL:
             os.replace(out, lib_path)  # atomic: a concurrent build or a kill leaves no partial file
     lib = ctypes.CDLL(str(lib_path))  # after torch: its libgomp.so.1 serves the library too
     L, I, P = ctypes.c_long, ctypes.c_int, ctypes.c_void_p
-    for _, s in _TYPES.values():
+    for _, _, s in _TYPES.values():
         getattr(lib, f"bn_relu_{s}").argtypes = [L, L, P, L, P, P, P, L, I]
         getattr(lib, f"col_stats_acc_{s}").argtypes = [L, L, P, L, P, I]
         getattr(lib, f"copy_cols_{s}").argtypes = [L, L, P, L, P, L, I]
@@ -436,7 +479,7 @@ def _library():
 
 
 def available(t: torch.Tensor | None = None) -> bool:
-    """True when the kernels can run (on ``t``: a CPU float32/float64 tensor)."""
+    """True when the kernels can run (on ``t``: a CPU float32/float64/bfloat16 tensor)."""
     if os.environ.get("DENSENET_KERNELS", "1") == "0":
         return False
     if t is not None and (t.device.type != "cpu" or t.dtype not in _TYPES):
@@ -473,6 +516,10 @@ def _describe(t) -> str:
     return f"a {kind} {t.dtype} {tuple(t.shape)} tensor on {t.device}"
 
 
+def _type_names(types) -> str:
+    return " or ".join(str(d).removeprefix("torch.") for d in types)
+
+
 def _not_on(name: str, arg: str, t: torch.Tensor, device: str = "cpu"):
     raise ValueError(f"{name}: {arg} must be a {device.upper()} tensor, got one on {t.device}")
 
@@ -489,8 +536,7 @@ def _mat(name: str, arg: str, t, like: torch.Tensor | None = None, ref: str = "x
             got = f"{t.dim()}-D {_what(t)}" if isinstance(t, torch.Tensor) else _what(t)
             raise ValueError(f"{name}: {arg} must be a 2-D (m, c) matrix, got {got}")
         if t.dtype not in types:
-            names = " or ".join(str(d).removeprefix("torch.") for d in types)
-            raise ValueError(f"{name}: {arg} must be {names}, got {t.dtype}")
+            raise ValueError(f"{name}: {arg} must be {_type_names(types)}, got {t.dtype}")
     elif not isinstance(t, torch.Tensor) or t.shape != like.shape:
         raise ValueError(f"{name}: {arg} must be a {tuple(like.shape)} matrix like {ref}, got {_what(t)}")
     elif t.dtype != like.dtype:
@@ -522,6 +568,12 @@ def _vec(name: str, arg: str, v, like: torch.Tensor, c: int, per: str = "column"
     return v.detach().to(dtype).contiguous()
 
 
+def _vecs(name: str, x: torch.Tensor, dtype: torch.dtype, per: str = "column",
+          **vectors) -> list[torch.Tensor]:
+    """``_vec`` of each named vector, one element per ``per`` (the last dimension) of ``x``."""
+    return [_vec(name, arg, v, x, x.shape[-1], per, dtype) for arg, v in vectors.items()]
+
+
 def _float64(name: str, arg: str, t, shape: tuple | None, numel: int, expected: str) -> torch.Tensor:
     """``t``, checked to be a contiguous float64 CPU tensor of ``numel`` elements (and, unless
     None, of ``shape``)."""
@@ -543,7 +595,13 @@ def _oom(name: str):
 
 
 def _fn(name: str, t: torch.Tensor):
-    return getattr(_library(), f"{name}_{_TYPES[t.dtype][1]}")
+    return getattr(_library(), f"{name}_{_TYPES[t.dtype][2]}")
+
+
+def _arith(t: torch.Tensor) -> torch.dtype:
+    """The dtype the kernels compute in for ``t`` (and of their per-column vectors): float32
+    for bfloat16 maps, else ``t``'s own."""
+    return torch.float32 if t.dtype == torch.bfloat16 else t.dtype
 
 
 def bn_relu(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -552,7 +610,7 @@ def bn_relu(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, out: torc
     ldx = _mat(name, "x", x)
     m, c = x.shape
     ldo = _mat(name, "out", out, x, write=True)
-    scale, shift = _vec(name, "scale", scale, x, c), _vec(name, "shift", shift, x, c)
+    scale, shift = _vecs(name, x, _arith(x), scale=scale, shift=shift)
     _fn(name, x)(m, c, x.data_ptr(), ldx, scale.data_ptr(), shift.data_ptr(),
                  out.data_ptr(), ldo, torch.get_num_threads())
     return out
@@ -572,7 +630,7 @@ def col_stats(x: torch.Tensor, state: torch.Tensor | None = None):
                        f"a contiguous float64 CPU tensor of 1 + 2 * {c} = {1 + 2 * c} elements")
     if _fn("col_stats_acc", x)(m, c, x.data_ptr(), ldx, acc.data_ptr(), torch.get_num_threads()):
         _oom("col_stats")
-    return stats_from_state(acc, x.dtype) if state is None else acc
+    return stats_from_state(acc, _arith(x)) if state is None else acc
 
 
 def copy_cols(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
@@ -607,8 +665,7 @@ def bn_relu_grad(x, g, scale, shift, mean, dx=None, sums=None, z=None, assign=Fa
     ldg = _mat(name, "g", g, x)
     lddx = _mat(name, "dx", dx, x, write=True) if dx is not None else 0
     ldz = _mat(name, "z", z, x, write=True) if z is not None else 0
-    scale, shift, mean = (_vec(name, "scale", scale, x, c), _vec(name, "shift", shift, x, c),
-                          _vec(name, "mean", mean, x, c))
+    scale, shift, mean = _vecs(name, x, _arith(x), scale=scale, shift=shift, mean=mean)
     sums = _sums(name, sums, c)
     if _fn(name, x)(m, c, x.data_ptr(), ldx, g.data_ptr(), ldg, scale.data_ptr(), shift.data_ptr(),
                     mean.data_ptr(), dx.data_ptr() if dx is not None else None, lddx, int(assign),
@@ -624,8 +681,7 @@ def bn_grad_apply(x, g, scale, shift, mean, a, b, out):
     m, c = x.shape
     ldg = _mat(name, "g", g, x)
     ldo = _mat(name, "out", out, x, write=True)
-    args = [_vec(name, arg, v, x, c) for arg, v in
-            (("scale", scale), ("shift", shift), ("mean", mean), ("a", a), ("b", b))]
+    args = _vecs(name, x, _arith(x), scale=scale, shift=shift, mean=mean, a=a, b=b)
     _fn(name, x)(m, c, x.data_ptr(), ldx, g.data_ptr(), ldg, *[v.data_ptr() for v in args],
                  out.data_ptr(), ldo, torch.get_num_threads())
     return out
@@ -638,7 +694,7 @@ def col_affine_add(x, coef, const, src, out):
     m, c = x.shape
     lds = _mat(name, "src", src, x)
     ldo = _mat(name, "out", out, x, write=True)
-    coef, const = _vec(name, "coef", coef, x, c), _vec(name, "const", const, x, c)
+    coef, const = _vecs(name, x, _arith(x), coef=coef, const=const)
     _fn(name, x)(m, c, x.data_ptr(), ldx, coef.data_ptr(), const.data_ptr(),
                  src.data_ptr(), lds, out.data_ptr(), ldo, torch.get_num_threads())
     return out
@@ -648,12 +704,12 @@ def _image(name: str, arg: str, t, like: torch.Tensor | None = None, shape: tupl
            expected: str = "") -> torch.Size:
     """The shape of ``t``, checked to be a contiguous channels-last (N, H, W, C) CPU image batch:
     with ``like``, of its dtype and of ``shape`` (``expected`` says what that is); without, of
-    float32 or float64 (the kernel's input)."""
+    float32, float64 or bfloat16 (the kernel's input)."""
     if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.layout is not torch.strided or not t.is_contiguous():
         raise ValueError(f"{name}: {arg} must be a contiguous 4-D (N, H, W, C) tensor, got {_describe(t)}")
     if like is None:
         if t.dtype not in _TYPES:
-            raise ValueError(f"{name}: {arg} must be float32 or float64, got {t.dtype}")
+            raise ValueError(f"{name}: {arg} must be {_type_names(_TYPES)}, got {t.dtype}")
     else:
         if t.shape != shape:
             raise ValueError(f"{name}: {arg} must be {tuple(shape)} {expected}, got {tuple(t.shape)}")
@@ -700,7 +756,7 @@ def bn_relu_maxpool(x, scale, shift, kernel, stride, padding, out):
     n, h, w, c = _image(name, "x", x)
     kh, kw, sh, sw, ph, pw, oh, ow = _window(name, kernel, stride, padding, h, w)
     _image(name, "out", out, x, (n, oh, ow, c), "= (n, oh, ow, c) for these windows")
-    scale, shift = _vec(name, "scale", scale, x, c, "channel"), _vec(name, "shift", shift, x, c, "channel")
+    scale, shift = _vecs(name, x, _arith(x), "channel", scale=scale, shift=shift)
     if _fn(name, x)(n, h, w, c, x.data_ptr(), scale.data_ptr(), shift.data_ptr(), kh, kw, sh, sw, ph, pw,
                     oh, ow, out.data_ptr(), torch.get_num_threads()):
         _oom(name)
@@ -717,8 +773,7 @@ def bn_relu_maxpool_grad(x, scale, shift, mean, kernel, stride, padding, gout, d
     kh, kw, sh, sw, ph, pw, oh, ow = _window(name, kernel, stride, padding, h, w)
     _image(name, "gout", gout, x, (n, oh, ow, c), "= (n, oh, ow, c) for these windows")
     _image(name, "dx", dx, x, x.shape, "like x")
-    scale, shift, mean = (_vec(name, "scale", scale, x, c, "channel"), _vec(name, "shift", shift, x, c, "channel"),
-                          _vec(name, "mean", mean, x, c, "channel"))
+    scale, shift, mean = _vecs(name, x, _arith(x), "channel", scale=scale, shift=shift, mean=mean)
     sums = _sums(name, sums, c)
     if _fn(name, x)(n, h, w, c, x.data_ptr(), scale.data_ptr(), shift.data_ptr(), mean.data_ptr(),
                     kh, kw, sh, sw, ph, pw, oh, ow, gout.data_ptr(), dx.data_ptr(), sums.data_ptr(),

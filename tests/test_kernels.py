@@ -7,13 +7,14 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from densenet import kernels
 
 needs_cc = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None and shutil.which("gcc") is None,
                               reason="no C compiler on this machine: the kernels cannot be built")
 
-DTYPES = [torch.float32, torch.float64]
+DTYPES = [torch.float32, torch.float64]  # bfloat16: its own tests below
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
@@ -31,7 +32,8 @@ def _close(got, want, dtype):
 def test_kernels_are_built_and_loaded_here():
     assert kernels.available(torch.zeros(1)), kernels.unavailable_reason()
     assert kernels.unavailable_reason() is None
-    assert not kernels.available(torch.zeros(1, dtype=torch.float16))  # only float32/float64
+    assert kernels.available(torch.zeros(1, dtype=torch.bfloat16))
+    assert not kernels.available(torch.zeros(1, dtype=torch.float16))  # float32/float64/bfloat16
 
 
 @needs_cc
@@ -65,6 +67,86 @@ def test_bn_relu_and_its_gradient_match_torch(dtype, m, c, ld):
     out = g.clone()
     kernels.bn_grad_apply(x, out, scale, shift, mean, a, b, out)  # in place
     _close(out, scale * (gm - a - (x - mean) * b), dtype)
+
+
+def _rel(got, want):
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30)).item()
+
+
+@needs_cc
+@pytest.mark.parametrize("m,c,ld", [(1, 1, 1), (257, 13, 40), (3001, 70, 133)])
+def test_bfloat16_maps_are_computed_in_float32_and_rounded_once(m, c, ld):
+    # bfloat16 maps, float32 per-column vectors (as under autocast): every element-wise output
+    # is exactly the float32 formula rounded to bfloat16 (to nearest even, as torch rounds)
+    torch.manual_seed(m)
+    bf = torch.bfloat16
+    x, g = _matrix(m, c, ld, bf), _matrix(m, c, c + 3, bf)
+    xf, gf = x.float(), g.float()
+    scale, shift, mean = torch.rand(c) + 0.5, torch.randn(c), torch.randn(c)
+    pre = xf * scale + shift
+    gm = torch.where(pre > 0, gf, 0)
+    z = torch.empty(m, c, dtype=bf)
+    assert torch.equal(kernels.bn_relu(x, scale, shift, z), pre.relu().to(bf))
+
+    dx_buf = torch.randn(m, ld + 2).to(bf)
+    dx_before = dx_buf.clone()
+    z2 = torch.full((m, c), float("nan"), dtype=bf)
+    sums = kernels.bn_relu_grad(x, g, scale, shift, mean, dx=dx_buf[:, 1:c + 1], z=z2)
+    assert _rel(sums[0], gm.double().sum(0)) < 1e-5  # float32 partial sums, float64 totals
+    assert _rel(sums[1], ((xf.double() - mean.double()) * gm.double()).sum(0)) < 1e-5
+    assert torch.equal(dx_buf[:, 1:c + 1], (dx_before[:, 1:c + 1].float() + gm * scale).to(bf))
+    assert torch.equal(dx_buf[:, 0], dx_before[:, 0]) and torch.equal(dx_buf[:, c + 1:], dx_before[:, c + 1:])
+    assert torch.equal(z2, pre.relu().to(bf))
+    kernels.bn_relu_grad(x, g, scale, shift, mean, dx=dx_buf[:, 1:c + 1], assign=True)
+    assert torch.equal(dx_buf[:, 1:c + 1], (gm * scale).to(bf))
+
+    a, b = torch.randn(c), torch.randn(c)
+    out = g.clone()
+    kernels.bn_grad_apply(x, out, scale, shift, mean, a, b, out)
+    assert torch.equal(out, (scale * (gm - a - (xf - mean) * b)).to(bf))
+    src = _matrix(m, c, ld, bf)
+    assert torch.equal(kernels.col_affine_add(x, a, b, src, torch.empty(m, c, dtype=bf)),
+                       (src.float() + xf * a + b).to(bf))
+    mu, var = kernels.col_stats(x)
+    assert mu.dtype == var.dtype == torch.float32  # statistics of bfloat16 maps in float32
+    assert _rel(mu, xf.double().mean(0)) < 1e-6 and _rel(var, xf.double().var(0, unbiased=False)) < 1e-6
+    dst = torch.zeros(m, c, dtype=bf)
+    assert torch.equal(kernels.copy_cols(x, dst), x)
+
+
+@needs_cc
+def test_bfloat16_rounding_is_torchs_including_nan_and_overflow():
+    v = torch.tensor([[float("nan"), float("inf"), -float("inf"), 3.3895e38, 1.00390625, 1.01171875,
+                       -2.5e-39, 0.0]])
+    zero = torch.zeros(v.shape[1])
+    got = kernels.col_affine_add(torch.zeros_like(v).bfloat16(), zero, v[0], torch.zeros_like(v).bfloat16(),
+                                 torch.empty_like(v).bfloat16())
+    want = v.bfloat16()
+    assert torch.isnan(got[0, 0])  # (torch's own NaN bits differ between its code paths)
+    assert torch.equal(got[:, 1:].view(torch.int16), want[:, 1:].view(torch.int16))  # bit for bit
+
+
+@needs_cc
+@pytest.mark.parametrize("n,h,w,c,k,s,p", [(2, 9, 7, 5, 3, 2, 1), (1, 5, 6, 3, 2, 2, 0)])
+def test_bfloat16_stem_pooling_matches_the_float32_formula(n, h, w, c, k, s, p):
+    torch.manual_seed(n * h * w)
+    bf = torch.bfloat16
+    x = torch.randn(n, h, w, c).to(bf)
+    scale, shift, mean = torch.rand(c) + 0.5, torch.randn(c), torch.randn(c)
+    xt = x.float().permute(0, 3, 1, 2).requires_grad_(True)
+    ref = F.max_pool2d((xt * scale[:, None, None] + shift[:, None, None]).relu(), k, s, p)
+    oh, ow = ref.shape[-2:]
+    out = torch.empty(n, oh, ow, c, dtype=bf)
+    kernels.bn_relu_maxpool(x, scale, shift, (k, k), (s, s), (p, p), out)
+    assert torch.equal(out, ref.detach().permute(0, 2, 3, 1).to(bf))
+    gout = torch.randn(n, oh, ow, c).to(bf)
+    ref.backward(gout.float().permute(0, 3, 1, 2))
+    gm = xt.grad / scale[:, None, None]  # g' (the gradient at BN's output)
+    dx = torch.empty_like(x)
+    sums = kernels.bn_relu_maxpool_grad(x, scale, shift, mean, (k, k), (s, s), (p, p), gout, dx)
+    # g' may gather several windows' gradients, each sum rounded to bfloat16: within 1 ulp
+    assert _rel(dx.float(), gm.permute(0, 2, 3, 1)) < 1e-2
+    assert _rel(sums[0], gm.double().sum((0, 2, 3))) < 1e-5
 
 
 @needs_cc
@@ -204,7 +286,7 @@ def test_a_wrong_shape_is_refused_naming_the_argument(case):
 @needs_cc
 def test_a_wrong_dtype_is_refused_but_vectors_are_converted():
     x, out = _matrix(M, C, C + 4, torch.float32), torch.empty(M, C)
-    with pytest.raises(ValueError, match=r"^bn_relu: x must be float32 or float64, got torch.float16$"):
+    with pytest.raises(ValueError, match=r"^bn_relu: x must be float32 or float64 or bfloat16, got torch.float16$"):
         kernels.bn_relu(x.half(), _v, _v, out.half())
     with pytest.raises(ValueError, match=r"^bn_relu: out must be torch.float32 like x, got torch.float64$"):
         kernels.bn_relu(x, _v, _v, out.double())
@@ -212,7 +294,7 @@ def test_a_wrong_dtype_is_refused_but_vectors_are_converted():
         kernels.copy_cols(x.double(), out)
     with pytest.raises(ValueError, match=r"^bn_relu_grad: g must be torch.float32 like x"):
         kernels.bn_relu_grad(x, x.double(), _v, _v, _v)
-    with pytest.raises(ValueError, match=r"^bn_relu_maxpool: x must be float32 or float64, got torch.int64$"):
+    with pytest.raises(ValueError, match=r"^bn_relu_maxpool: x must be float32 or float64 or bfloat16, got torch.int64$"):
         kernels.bn_relu_maxpool(torch.zeros(1, 4, 4, C, dtype=torch.long), _v, _v, (3, 3), (2, 2), (1, 1),
                                 torch.zeros(1, 2, 2, C, dtype=torch.long))
     scale, shift = torch.rand(C, dtype=torch.float64) + 0.5, torch.randn(C, dtype=torch.float64)
