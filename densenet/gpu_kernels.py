@@ -28,7 +28,7 @@ import os
 
 import torch
 
-from .kernels import _mat, _vec
+from .kernels import _mat, _vecs
 
 try:
     import triton
@@ -133,16 +133,12 @@ def _grid(m: int, c: int) -> tuple[int, int]:
     return triton.cdiv(m, BLOCK_M), triton.cdiv(c, BLOCK_C)
 
 
-def _vecs(name: str, x: torch.Tensor, **vectors) -> list[torch.Tensor]:
-    return [_vec(name, arg, v, x, x.shape[1], dtype=torch.float32) for arg, v in vectors.items()]
-
-
 def bn_relu(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out = relu(x * scale + shift), column-wise scale and shift."""
     name = "bn_relu"
     ldx = _check(name, x)
     ldo = _mat(name, "out", out, x, write=True, types=TYPES, device=DEVICE)
-    scale, shift = _vecs(name, x, scale=scale, shift=shift)
+    scale, shift = _vecs(name, x, torch.float32, scale=scale, shift=shift)
     m, c = x.shape
     if m and c:
         _bn_relu_kernel[_grid(m, c)](x, ldx, scale, shift, out, ldo, m, c, BM=BLOCK_M, BC=BLOCK_C)
@@ -159,7 +155,7 @@ def bn_relu_grad(x, g, scale, shift, mean, dx=None, sums=None, z=None, assign=Fa
     ldg = _mat(name, "g", g, x, write=True, types=TYPES, device=DEVICE)
     lddx = _mat(name, "dx", dx, x, write=True, types=TYPES, device=DEVICE) if dx is not None else 0
     ldz = _mat(name, "z", z, x, write=True, types=TYPES, device=DEVICE) if z is not None else 0
-    scale, shift, mean = _vecs(name, x, scale=scale, shift=shift, mean=mean)
+    scale, shift, mean = _vecs(name, x, torch.float32, scale=scale, shift=shift, mean=mean)
     m, c = x.shape
     if sums is None:
         sums = torch.zeros(2, c, dtype=torch.float64, device=x.device)
@@ -186,7 +182,7 @@ def bn_grad_apply(x, g, scale, shift, mean, a, b, out):
     ldx = _check(name, x)
     ldg = _mat(name, "g", g, x, types=TYPES, device=DEVICE)
     ldo = _mat(name, "out", out, x, write=True, types=TYPES, device=DEVICE)
-    vecs = _vecs(name, x, scale=scale, shift=shift, mean=mean, a=a, b=b)
+    vecs = _vecs(name, x, torch.float32, scale=scale, shift=shift, mean=mean, a=a, b=b)
     m, c = x.shape
     if m and c:
         _bn_grad_apply_kernel[_grid(m, c)](x, ldx, g, ldg, *vecs, out, ldo, m, c, BM=BLOCK_M,
@@ -200,7 +196,7 @@ def col_affine_add(x, coef, const, src, out):
     ldx = _check(name, x)
     lds = _mat(name, "src", src, x, types=TYPES, device=DEVICE)
     ldo = _mat(name, "out", out, x, write=True, types=TYPES, device=DEVICE)
-    coef, const = _vecs(name, x, coef=coef, const=const)
+    coef, const = _vecs(name, x, torch.float32, coef=coef, const=const)
     m, c = x.shape
     if m and c:
         _affine_add_kernel[_grid(m, c)](x, ldx, coef, const, src, lds, out, ldo, m, c, BM=BLOCK_M,
