@@ -19,8 +19,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device, amp: str | None):
-    """bfloat16 autocast when asked for, else a no-op context."""
+def autocast(device: torch.device, amp: str | None, cache: bool = True):
+    """bfloat16 autocast when asked for, else a no-op context. ``cache=False`` for a step that a
+    CUDA graph replays: autocast's cast cache must not outlive one step there."""
     if amp in (None, "", "none", "off"):
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache)

@@ -16,11 +16,10 @@ checkpoint's optimizer state is therefore the ordinary ``torch.optim.SGD`` state
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
+from .devices import autocast
 from .errors import UsageError
 
 
@@ -53,13 +52,6 @@ def sgd_update(optimizer: torch.optim.SGD, lrs: list[torch.Tensor]) -> None:
             torch._foreach_add_(bufs, grads, alpha=1 - dampening)
             grads = torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] else bufs
         torch._foreach_add_(params, torch._foreach_mul(grads, torch.neg(lr)))
-
-
-def _autocast(device: torch.device, amp: str | None, cache: bool):
-    if amp in (None, "", "none", "off"):
-        return contextlib.nullcontext()
-    # a CUDA graph must not reuse autocast's cast cache across replays
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache)
 
 
 def check_graphable(device: torch.device, processes: int) -> None:
@@ -109,7 +101,7 @@ class GraphedStep:
             t.fill_(float(g["lr"]))
 
     def _forward_loss(self, x, y, cache: bool):
-        with _autocast(self.device, self.amp, cache):
+        with autocast(self.device, self.amp, cache):
             logits = self.model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
         return logits, loss
