@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UsageError
-from .inference import Loaded, image_transform, imagenet_class_names, open_image
+from .inference import Loaded, imagenet_class_names, open_image
 from .model import DenseNet
+from .preprocess import to_rgb
 from .rundir import atomic_write_bytes
 
 __all__ = ["GradCAM", "ImageCAM", "grad_cam", "cam_for_images", "render_panels", "class_names",
@@ -162,8 +163,8 @@ def cam_for_images(loaded: Loaded, paths: Sequence[str | os.PathLike],
     ``class_name`` (one of the model's class names) is explained in every image; by default
     each image's predicted class. Every path is read and checked before any work.
     """
-    pre = loaded.preprocess
-    if pre.get("mean") is None:
+    pre = loaded.pre
+    if pre.mean is None:
         raise UsageError(f"{loaded.source} does not say how its inputs were normalised (a "
                          f"small-image net from a foreign file); cam needs a checkpoint written "
                          f"by 'densenet train'.")
@@ -172,10 +173,10 @@ def cam_for_images(loaded: Loaded, paths: Sequence[str | os.PathLike],
         raise UsageError("give one or more image files.")
     names = class_names(loaded)
     target = None if class_name is None else _class_index(class_name, names, loaded.source)
-    transform = image_transform(pre)
-    tensors = [transform(open_image(p)) for p in paths]
-    mean = torch.tensor(pre["mean"]).view(-1, 1, 1)
-    std = torch.tensor(pre["std"]).view(-1, 1, 1)
+    transform = pre.eval_transform()
+    tensors = [transform(open_image(p, pre)) for p in paths]
+    mean = torch.tensor(pre.mean).view(-1, 1, 1)
+    std = torch.tensor(pre.std).view(-1, 1, 1)
     model = loaded.model.to(device)
     out = []
     for i in range(0, len(tensors), batch_size):
@@ -259,10 +260,11 @@ def _numpy(t) -> np.ndarray:
 
 
 def _to_pil(image):
-    """A PIL image as RGB; a (3, H, W) float tensor or array in [0, 1] as an 8-bit RGB image."""
+    """A PIL image as the model sees its pixels (``preprocess.to_rgb``: a 16-bit image is not
+    drawn white); a (3, H, W) float tensor or array in [0, 1] as an 8-bit RGB image."""
     from PIL import Image
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     a = _numpy(image)
     if a.ndim != 3 or a.shape[0] != 3:
         raise UsageError(f"an image must be a PIL image or a (3, H, W) array, got shape {a.shape}.")

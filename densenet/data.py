@@ -31,12 +31,11 @@ import torch.nn.functional as F
 
 from .rundir import atomic_write_bytes
 from .errors import UsageError
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, to_rgb, upscale
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 SMALL_MAX_SIZE = 64  # images up to this many pixels a side live on the device as one tensor
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: pixels through preprocess.to_rgb (16-bit images were clipped before)
 
 FORMATS_HELP = (
     "CIFAR-10/100 in the official python format (cifar-10-python.tar.gz / cifar-100-python.tar.gz, "
@@ -471,7 +470,7 @@ def _decode_images(paths: list[str]) -> tuple[np.ndarray | None, str | None]:
     for p in paths:
         try:
             with Image.open(p) as im:
-                a = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+                a = np.asarray(to_rgb(im))
         except Exception as e:
             return None, f"{p} is corrupt or truncated ({type(e).__name__}: {e}); delete or replace it."
         if arrays and a.shape != arrays[0].shape:
@@ -557,31 +556,37 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> 
     return padded.reshape(b, c, -1).gather(2, flat.expand(b, c, h * w)).view(b, c, h, w)
 
 
-def upscale(x: torch.Tensor, size: int) -> torch.Tensor:
-    """A normalised (B, C, h, w) batch resized to size x size (bilinear; the same in training,
-    evaluation and prediction)."""
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-
-
 class DeviceLoader:
     """Batches of an ``ImageTensors`` already on the training device, made with tensor ops.
 
     Yields ``(x, y)``: x float32 (B, C, H, W), ``(x / 255 - mean) / std``, optionally augmented
     (``augment_batch``: the zero padding comes after normalisation, so it is the mean colour, as
     in fb.resnet.torch), upscaled to ``resize`` x ``resize`` pixels if given (bilinear, for an
-    ImageNet-size model) and channels_last. Order and augmentation are drawn from generators
-    seeded by (seed, epoch): the order on the CPU, the augmentation on the data's device (so on
-    a GPU no batch waits for a copy of random numbers; its batches then differ from a CPU run's
-    of the same seed). For DDP, rank r of world w takes every w-th sample of the epoch's
+    ImageNet-size model) and channels_last. ``preprocess`` (a small-image ``Preprocess``)
+    gives mean, std and the upscaling in one, as training recorded them. Order and augmentation
+    are drawn from generators seeded by (seed, epoch): the order on the CPU, the augmentation on
+    the data's device (so on a GPU no batch waits for a copy of random numbers; its batches then
+    differ from a CPU run's of the same seed). For DDP, rank r of world w takes every w-th sample of the epoch's
     order, the tail dropped so every rank has as many samples, hence batches.
     """
 
     def __init__(self, data: ImageTensors, batch_size: int, *, shuffle: bool = False,
-                 augment: bool = False, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), seed: int = 0,
+                 augment: bool = False, mean=None, std=None, seed: int = 0,
                  drop_last: bool = False, rank: int = 0, world_size: int = 1,
-                 channels_last: bool = False, resize: int | None = None):
+                 channels_last: bool = False, resize: int | None = None,
+                 preprocess: Preprocess | None = None):
         if batch_size < 1:
             raise UsageError(f"batch size must be at least 1, not {batch_size}.")
+        if preprocess is not None:
+            if mean is not None or std is not None or resize is not None:
+                raise TypeError("DeviceLoader takes preprocess or mean/std/resize, not both")
+            if preprocess.kind != "small" or preprocess.mean is None:
+                raise UsageError("DeviceLoader needs a small-image Preprocess record with mean "
+                                 f"and std; got {preprocess.to_dict()}.")
+            mean, std = preprocess.mean, preprocess.std
+            resize = preprocess.input_size if preprocess.upscaled else None
+        mean = (0.0, 0.0, 0.0) if mean is None else mean
+        std = (1.0, 1.0, 1.0) if std is None else std
         self.resize = resize
         self.data, self.batch_size = data, batch_size
         self.shuffle, self.augment, self.seed, self.drop_last = shuffle, augment, seed, drop_last
@@ -624,8 +629,8 @@ class DeviceLoader:
 # ----------------------------------------------------------------------------- file batches
 
 class _FileDataset(torch.utils.data.Dataset):
-    def __init__(self, samples: list[tuple[str, int]], transform):
-        self.samples, self.transform = samples, transform
+    def __init__(self, samples: list[tuple[str, int]], transform, convert=to_rgb):
+        self.samples, self.transform, self.convert = samples, transform, convert
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -635,7 +640,7 @@ class _FileDataset(torch.utils.data.Dataset):
         path, label = self.samples[i]
         try:
             with Image.open(path) as im:
-                img = im.convert("RGB")
+                img = self.convert(im)
         except Exception as e:
             raise UsageError(f"{path} is corrupt or truncated ({type(e).__name__}: {e}); delete "
                              f"or replace it.") from None
@@ -682,21 +687,27 @@ class _FileLoader(torch.utils.data.DataLoader):
             raise UsageError(str(e).rsplit("UsageError: ", 1)[-1].strip()) from None
 
 
-def make_file_loader(data: ImageFiles, batch_size: int, *, train: bool, mean, std,
-                     input_size: int = 224, resize: int = 256, workers: int = 4, seed: int = 0,
-                     rank: int = 0, world_size: int = 1) -> torch.utils.data.DataLoader:
-    """A DataLoader over image files with the standard torchvision transforms: training =
-    RandomResizedCrop(input_size) + horizontal flip (the scale and aspect augmentation of
-    fb.resnet.torch); evaluation = Resize(resize) + CenterCrop(input_size). Call ``set_epoch``
-    each epoch for a reproducible order (sharded by rank like ``DeviceLoader``)."""
-    from torchvision import transforms as T
-    if train:
-        aug = [T.RandomResizedCrop(input_size), T.RandomHorizontalFlip()]
-    else:
-        aug = [T.Resize(resize), T.CenterCrop(input_size)]
-    transform = T.Compose(aug + [T.ToTensor(), T.Normalize(mean, std)])
+def make_file_loader(data: ImageFiles, batch_size: int, *, train: bool,
+                     preprocess: Preprocess | None = None, mean=None, std=None,
+                     input_size: int = 224, resize: int | None = None, workers: int = 4,
+                     seed: int = 0, rank: int = 0, world_size: int = 1
+                     ) -> torch.utils.data.DataLoader:
+    """A DataLoader over image files with the transforms of ``preprocess`` (an "imagenet"
+    ``Preprocess``; or one made from ``mean``, ``std``, ``input_size`` and ``resize``):
+    training = RandomResizedCrop(input_size) + horizontal flip (the scale and aspect
+    augmentation of fb.resnet.torch); evaluation = Resize(resize) + CenterCrop(input_size),
+    exactly what predict applies to a file. Call ``set_epoch`` each epoch for a reproducible
+    order (sharded by rank like ``DeviceLoader``)."""
+    if preprocess is None:
+        if mean is None or std is None:
+            raise TypeError("make_file_loader needs preprocess, or mean and std")
+        preprocess = Preprocess.files(input_size, mean, std, resize=resize)
+    elif mean is not None or std is not None or resize is not None:
+        raise TypeError("make_file_loader takes preprocess or mean/std/input_size/resize, not both")
+    transform = preprocess.train_transform() if train else preprocess.eval_transform()
     sampler = _EpochSampler(len(data), train, seed, rank, world_size)
-    loader = _FileLoader(_FileDataset(data.samples, transform), batch_size=batch_size,
+    loader = _FileLoader(_FileDataset(data.samples, transform, preprocess.convert),
+                         batch_size=batch_size,
                          sampler=sampler, num_workers=workers, drop_last=train,
                          pin_memory=torch.cuda.is_available(), seed=seed)
     return loader

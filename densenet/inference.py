@@ -8,18 +8,17 @@ through ``--weights FILE --model NAME`` with the standard ImageNet preprocessing
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import numpy as np
 import torch
 
 from . import data as data_mod
 from .errors import UsageError
 from .metrics import evaluate_batches, evaluate_ten_crop
 from .model import DenseNet, create_model, model_info
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, as_record, to_rgb
 from .rundir import load_checkpoint, read_file, resolve_checkpoint_path
 from .weights import extract_state_dict, load_strict
 
@@ -47,7 +46,12 @@ class Loaded:
     name: str                  # registered model name
     source: str                # the file the weights came from
     classes: list[str] | None  # label index -> class name; None for foreign weights
-    preprocess: dict           # kind, input_size, resize, mean, std (docs/run-directory.md)
+    pre: Preprocess            # how training made its inputs (docs/run-directory.md)
+
+    @property
+    def preprocess(self) -> dict:
+        """The record as a checkpoint's ``preprocess`` dict."""
+        return self.pre.to_dict()
 
 
 def load_for_inference(source: str | None = None, *, weights: str | None = None,
@@ -68,14 +72,11 @@ def load_for_inference(source: str | None = None, *, weights: str | None = None,
         raise UsageError(f"--model is only for --weights files; {source} names its own model.")
     path = resolve_checkpoint_path(source)
     payload = _unreadable_is_usage_error(load_checkpoint, path)
+    pre = Preprocess.from_dict(payload.get("preprocess"), str(path))
     net = build_model(payload)
-    pre = payload.get("preprocess")
-    if not isinstance(pre, dict) or pre.get("kind") not in ("small", "imagenet"):
-        raise UsageError(f"{path} has no valid 'preprocess' entry (see docs/run-directory.md); "
-                         f"it was not written by 'densenet train'.")
     classes = payload.get("classes")
     return Loaded(_for_inference(net), payload["model"]["name"], str(path),
-                  [str(c) for c in classes] if classes is not None else None, dict(pre))
+                  [str(c) for c in classes] if classes is not None else None, pre)
 
 
 def _load_foreign(weights: str, name: str) -> Loaded:
@@ -86,12 +87,9 @@ def _load_foreign(weights: str, name: str) -> Loaded:
     net = create_model(name, **overrides)
     load_strict(net, state, weights)
     if info.input_size >= 64:
-        pre = {"kind": "imagenet", "input_size": info.input_size,
-               "resize": round(info.input_size * 256 / 224), "mean": data_mod.IMAGENET_MEAN,
-               "std": data_mod.IMAGENET_STD}
+        pre = Preprocess.files(info.input_size, IMAGENET_MEAN, IMAGENET_STD)
     else:  # a small-image net: its normalisation is not in the file (eval takes the data's)
-        pre = {"kind": "small", "input_size": info.input_size, "resize": None, "mean": None,
-               "std": None}
+        pre = Preprocess.small(info.input_size, info.input_size, None, None)
     return Loaded(_for_inference(net), name, str(weights), None, pre)
 
 
@@ -121,8 +119,10 @@ def imagenet_class_names() -> list[str]:
 
 # ----------------------------------------------------------------------------- images
 
-def open_image(path: str | Path):
-    """An image file as an 8-bit RGB PIL image, whatever its mode; clear errors otherwise."""
+def open_image(path: str | Path, pre: Preprocess | None = None):
+    """An image file as an 8-bit RGB PIL image, whatever its mode, converted as the training
+    data of ``pre`` was (:func:`densenet.preprocess.to_rgb` without one); clear errors
+    otherwise."""
     from PIL import Image, UnidentifiedImageError
     path = Path(path)
     if not path.exists():
@@ -132,7 +132,7 @@ def open_image(path: str | Path):
     try:
         with Image.open(path) as img:
             img.load()  # decode now: a truncated file fails here, not later
-            return to_rgb(img)
+            return to_rgb(img) if pre is None else pre.convert(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
             Image.DecompressionBombError) as e:
         raise UsageError(f"{path} is not a readable image (corrupt, truncated, or not a format "
@@ -140,56 +140,24 @@ def open_image(path: str | Path):
                          ) from None
 
 
-def to_rgb(img):
-    """8-bit RGB from any Pillow mode: 16/32-bit integer and float greyscale are scaled down,
-    palette, alpha, CMYK, YCbCr and 1-bit images converted as ImageFolder's loader does."""
-    from PIL import Image
-    if img.mode == "RGB":
-        return img.copy()
-    if img.mode.startswith("I") or img.mode == "F":
-        a = np.asarray(img, dtype=np.float64)
-        if img.mode == "F" and a.size and np.nanmax(a) <= 1.0:
-            a = a * 255.0
-        elif img.mode.startswith("I;16") or (a.size and a.max() > 255):
-            a = a / 257.0  # 0..65535 -> 0..255
-        a = np.clip(np.nan_to_num(a), 0, 255).round().astype(np.uint8)
-        return Image.fromarray(a, mode="L").convert("RGB")
-    return img.convert("RGB")
-
-
-def image_transform(pre: dict, ten_crop: bool = False):
-    """PIL image -> normalised tensor as in training: small images resized to the training
-    images' size (CIFAR style), then upscaled to the input size when training upscaled them;
-    large ones Resize(resize) + CenterCrop(input_size), or TenCrop -> (10, C, H, W)."""
-    from torchvision import transforms as T
-    normalize = T.Normalize(pre["mean"], pre["std"])
-    to_tensor = T.Compose([T.ToTensor(), normalize])
-    size = int(pre["input_size"])
-    if pre["kind"] == "small":
-        image_size = int(pre.get("image_size") or size)
-        steps = [T.Resize((image_size, image_size)), to_tensor]
-        if image_size != size:
-            steps.append(T.Lambda(lambda x: data_mod.upscale(x[None], size)[0]))
-        return T.Compose(steps)
-    resize = int(pre.get("resize") or round(size * 256 / 224))
-    if ten_crop:
-        return T.Compose([T.Resize(resize), T.TenCrop(size),
-                          T.Lambda(lambda crops: torch.stack([to_tensor(c) for c in crops]))])
-    return T.Compose([T.Resize(resize), T.CenterCrop(size), to_tensor])
+def image_transform(pre: Preprocess | dict, ten_crop: bool = False):
+    """PIL image -> normalised tensor as training fed the model, for a record or a checkpoint's
+    ``preprocess`` dict (:meth:`Preprocess.eval_transform`)."""
+    return as_record(pre).eval_transform(ten_crop)
 
 
 class _ImageFileSet(torch.utils.data.Dataset):
-    """(path, label) samples decoded with :func:`open_image` and one transform."""
+    """(path, label) samples decoded with :func:`open_image` and the record's transform."""
 
-    def __init__(self, samples, transform):
-        self.samples, self.transform = list(samples), transform
+    def __init__(self, samples, pre: Preprocess, transform):
+        self.samples, self.pre, self.transform = list(samples), pre, transform
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i):
         path, label = self.samples[i]
-        return self.transform(open_image(path)), int(label)
+        return self.transform(open_image(path, self.pre)), int(label)
 
 
 # ----------------------------------------------------------------------------- predict
@@ -197,8 +165,8 @@ class _ImageFileSet(torch.utils.data.Dataset):
 def predict(loaded: Loaded, images: Iterable[str | Path], topk: int = 5,
             batch_size: int = 32, device: torch.device | str = "cpu") -> list[dict]:
     """Top-k ``[(class name, probability), ...]`` for each image file, in order."""
-    pre = loaded.preprocess
-    if pre.get("mean") is None:
+    pre = loaded.pre
+    if pre.mean is None:
         raise UsageError(f"{loaded.source} does not say how its inputs were normalised (a "
                          f"small-image net from a foreign file); predict needs a checkpoint "
                          f"written by 'densenet train'.")
@@ -206,9 +174,9 @@ def predict(loaded: Loaded, images: Iterable[str | Path], topk: int = 5,
     num_classes = loaded.model.classifier.out_features
     if names is None:
         names = imagenet_class_names() if num_classes == 1000 else [str(i) for i in range(num_classes)]
-    transform = image_transform(pre)
+    transform = pre.eval_transform()
     paths = [Path(p) for p in images]
-    tensors = [transform(open_image(p)) for p in paths]  # every path checked before any work
+    tensors = [transform(open_image(p, pre)) for p in paths]  # every path checked before any work
     model = loaded.model.to(device).eval()
     k = min(topk, num_classes)
     out = []
@@ -290,10 +258,10 @@ def evaluate(loaded: Loaded, data: str, split: str | None = None, ten_crop: bool
     device = torch.device(device)
     model = loaded.model.to(device).eval()
     mapping = class_index_map(ds.classes, loaded.classes, model.classifier.out_features, loaded.source)
-    pre = dict(loaded.preprocess)
-    if ds.small != (pre["kind"] == "small"):
+    pre = loaded.pre
+    if ds.small != (pre.kind == "small"):
         raise UsageError(
-            f"{loaded.source} was trained on {'small (32 px)' if pre['kind'] == 'small' else 'large (ImageNet-size)'} "
+            f"{loaded.source} was trained on {'small (32 px)' if pre.kind == 'small' else 'large (ImageNet-size)'} "
             f"images but {data} holds {'small' if ds.small else 'large'} ones; evaluate on data "
             f"like the training data.")
     result = {"model": loaded.name, "checkpoint": loaded.source, "data": str(data),
@@ -303,32 +271,26 @@ def evaluate(loaded: Loaded, data: str, split: str | None = None, ten_crop: bool
             raise UsageError("--ten-crop is the ImageNet protocol (224-pixel crops of a 256-pixel "
                              "image); small-image (CIFAR/SVHN) models are evaluated on the whole "
                              "32x32 image, as in the paper. Leave out --ten-crop.")
-        if pre.get("mean") is None:  # foreign small-image weights: normalise as training would
-            mean, std = ds.channel_stats()
-            pre["mean"], pre["std"] = [float(v) for v in mean], [float(v) for v in std]
-        image_size = int(pre.get("image_size") or pre["input_size"])
-        if part.images.shape[-1] != image_size:
+        if pre.mean is None:  # foreign small-image weights: normalise as training would
+            pre = pre.with_stats(*ds.channel_stats())
+        if part.images.shape[-1] != pre.image_size:
             raise UsageError(f"{data} holds {part.images.shape[-1]}-pixel images but the model "
-                             f"was trained on {image_size}-pixel ones.")
-        upscaled = pre["input_size"] != image_size
-        loader = data_mod.DeviceLoader(part.to(device), batch_size or (32 if upscaled else 500),
-                                       mean=pre["mean"], std=pre["std"],
-                                       resize=pre["input_size"] if upscaled else None)
+                             f"was trained on {pre.image_size}-pixel ones.")
+        loader = data_mod.DeviceLoader(part.to(device), batch_size or (32 if pre.upscaled else 500),
+                                       preprocess=pre)
         r = evaluate_batches(model, _relabelled(loader, mapping), device)
         result["single_crop"] = {"top1_error": r["error"], "top5_error": r["top5_error"],
                                  "loss": r["loss"]}
         return result
     if ten_crop:
-        dataset = _ImageFileSet(part.samples, image_transform(pre, ten_crop=True))
+        dataset = _ImageFileSet(part.samples, pre, pre.eval_transform(ten_crop=True))
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size or 16,
                                              num_workers=workers, pin_memory=device.type == "cuda")
         single, ten = evaluate_ten_crop(model, _relabelled(loader, mapping), device)
         result["single_crop"] = single
         result["ten_crop"] = ten
         return result
-    loader = data_mod.make_file_loader(part, batch_size or 100, train=False, mean=pre["mean"],
-                                       std=pre["std"], input_size=pre["input_size"],
-                                       resize=pre.get("resize") or round(pre["input_size"] * 256 / 224),
+    loader = data_mod.make_file_loader(part, batch_size or 100, train=False, preprocess=pre,
                                        workers=workers)
     r = evaluate_batches(model, _relabelled(loader, mapping), device)
     result["single_crop"] = {"top1_error": r["error"], "top5_error": r["top5_error"], "loss": r["loss"]}

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from .data import Dataset, ImageTensors
+from .preprocess import to_rgb
 
 SAMPLE_FILE = "cifar10_sample.npz"
 
@@ -25,7 +26,7 @@ def load_cifar10_sample() -> Dataset:
         npz = np.load(io.BytesIO(f.read()), allow_pickle=False)
     jpeg, offsets = npz["jpeg"], npz["offsets"]
     images = np.stack([
-        np.asarray(Image.open(io.BytesIO(jpeg[offsets[i]:offsets[i + 1]].tobytes())).convert("RGB"))
+        np.asarray(to_rgb(Image.open(io.BytesIO(jpeg[offsets[i]:offsets[i + 1]].tobytes()))))
         for i in range(len(offsets) - 1)
     ])  # decoded once per run: about a second for 4,800 images
     images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()

@@ -166,6 +166,30 @@ def test_panels_have_the_documented_size_and_blend_the_jet_colours(tmp_path):
     assert not list(out.parent.glob(".*.tmp"))
 
 
+def grey_16_bit(path=None):
+    """A 16-bit greyscale image at a third of full scale (a DICOM export, say)."""
+    img = Image.fromarray(np.full((32, 32), 21845, np.uint16))
+    assert img.mode == "I;16"
+    if path is not None:
+        img.save(path)
+    return img
+
+
+def test_a_16_bit_image_is_drawn_grey_as_the_model_sees_it_not_white(tmp_path):
+    out = render_panels([grey_16_bit()], [torch.zeros(8, 8)], ["x"], tmp_path / "p.png", size=64)
+    with Image.open(out) as img:
+        a = np.asarray(img.convert("RGB"))
+    # half the picture's 85 (21845 / 257) and half jet's dark blue (0, 0, 128); Pillow's own
+    # conversion would draw the picture white, 128 after the blend
+    assert np.abs(a[10, 10].astype(int) - [42.5, 42.5, 106]).max() <= 1
+
+
+def test_cam_of_a_16_bit_file_sees_the_pixels_predict_sees(checkpoint, tmp_path):
+    grey_16_bit(tmp_path / "grey.png")
+    [result] = cam_for_images(load_for_inference(checkpoint), [tmp_path / "grey.png"])
+    assert np.asarray(result.image)[0, 0].tolist() == [85, 85, 85]
+
+
 def test_an_output_that_is_a_folder_or_not_a_png_or_not_writable_is_a_usage_error(tmp_path):
     args = ([torch.zeros(3, 8, 8)], [torch.zeros(8, 8)], ["x"])
     with pytest.raises(UsageError, match="is a directory"):

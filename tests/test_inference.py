@@ -15,8 +15,8 @@ from densenet import create_model
 from densenet.rundir import load_checkpoint, save_checkpoint
 from densenet.errors import UsageError
 from densenet.metrics import ten_crop_probabilities
-from densenet.inference import (evaluate, image_transform, load_for_inference, open_image,
-                                predict, to_rgb)
+from densenet.inference import evaluate, image_transform, load_for_inference, open_image, predict
+from densenet.preprocess import to_rgb
 
 COLOURS = {"blue": (30, 40, 200), "green": (30, 190, 40), "red": (210, 30, 30)}
 IMAGENET = {"kind": "imagenet", "input_size": 224, "resize": 256,
