@@ -2,8 +2,9 @@
 
 Every export is checked by loading the written file back (onnxruntime for ONNX) and comparing
 its logits with PyTorch's on random inputs at batch sizes other than the one traced, so the
-dynamic batch axis is checked too. Each file carries the model name, class names and
-preprocessing as metadata (``densenet.json``).
+dynamic batch axis is checked too. The check is relative to the logits' scale: float32 rounding
+grows with the numbers rounded, and an untrained net's logits reach 1e5. Each file carries the
+model name, class names and preprocessing as metadata (``densenet.json``).
 """
 
 from __future__ import annotations
@@ -15,17 +16,33 @@ import json
 import os
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from .errors import UsageError
 from .inference import Loaded, load_for_inference
 
-# Max abs logit difference allowed between the exported file and eager PyTorch. ONNX runs other
-# kernels (onnxruntime), so float32 sums come out in another order; the others run PyTorch's own.
+# Max relative logit difference (see Difference) allowed between the exported file and eager
+# PyTorch. ONNX runs other kernels (onnxruntime), so float32 sums come out in another order; the
+# others run PyTorch's own.
 TOLERANCE = {"onnx": 1e-4, "torchscript": 1e-5, "exported-program": 1e-5}
 FORMATS = tuple(TOLERANCE)
 CHECK_BATCHES = (1, 3)  # neither is the traced batch (2): the batch axis must really be dynamic
+# The smallest logit scale a difference is divided by: logits all near zero are compared
+# absolutely instead of dividing by almost nothing.
+SCALE_FLOOR = 1.0
+
+
+class Difference(NamedTuple):
+    """How far the file's logits are from PyTorch's over all the checked batches."""
+    max_abs_diff: float  # max |file - PyTorch|
+    scale: float         # max |PyTorch logit|
+
+    @property
+    def relative(self) -> float:
+        """max |file - PyTorch| / max(max |PyTorch logit|, SCALE_FLOOR)."""
+        return self.max_abs_diff / max(self.scale, SCALE_FLOOR)
 
 
 def metadata(loaded: Loaded) -> dict:
@@ -46,7 +63,7 @@ def export(loaded: Loaded, fmt: str, out: str | os.PathLike, tolerance: float | 
     # The files must run without this package: the plain modules, not the densenet:: ops (an
     # ExportedProgram of the default model would hold them; ONNX and TorchScript know neither).
     model = copy.deepcopy(loaded.model).cpu().float().eval().set_implementation("reference")
-    size = int(loaded.preprocess["input_size"])
+    size = loaded.pre.input_size
     in_channels = model.features.conv0.in_channels
     example = torch.randn(2, in_channels, size, size, generator=torch.Generator().manual_seed(seed))
     meta = json.dumps(metadata(loaded))
@@ -60,8 +77,10 @@ def export(loaded: Loaded, fmt: str, out: str | os.PathLike, tolerance: float | 
         tmp.unlink(missing_ok=True)
     diff = verify(fmt, out, model, in_channels, size, seed + 1)
     tol = TOLERANCE[fmt] if tolerance is None else tolerance
-    return {"format": fmt, "out": str(out), "bytes": out.stat().st_size, "max_abs_diff": diff,
-            "tolerance": tol, "check_batches": list(CHECK_BATCHES), "ok": diff <= tol}
+    return {"format": fmt, "out": str(out), "bytes": out.stat().st_size,
+            "max_abs_diff": diff.max_abs_diff, "logit_scale": diff.scale,
+            "max_rel_diff": diff.relative, "tolerance": tol,
+            "check_batches": list(CHECK_BATCHES), "ok": diff.relative <= tol}
 
 
 def _batch_dim():
@@ -130,15 +149,17 @@ def load_exported(fmt: str, path: str | os.PathLike):
 
 @torch.no_grad()
 def verify(fmt: str, path: str | os.PathLike, model: torch.nn.Module, in_channels: int,
-           size: int, seed: int = 1) -> float:
-    """Max abs logit difference between the file and ``model`` on random N(0, 1) inputs (the
-    scale of normalised images) at each of CHECK_BATCHES."""
+           size: int, seed: int = 1) -> Difference:
+    """The logit difference between the file and ``model`` on random N(0, 1) inputs (the scale
+    of normalised images) at each of CHECK_BATCHES."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run = load_exported(fmt, path)
         gen = torch.Generator().manual_seed(seed)
-        diff = 0.0
+        diff = scale = 0.0
         for n in CHECK_BATCHES:
             x = torch.randn(n, in_channels, size, size, generator=gen)
-            diff = max(diff, (run(x).float() - model(x).float()).abs().max().item())
-    return diff
+            expected = model(x).float()
+            diff = max(diff, (run(x).float() - expected).abs().max().item())
+            scale = max(scale, expected.abs().max().item())
+    return Difference(diff, scale)

@@ -11,7 +11,7 @@ import torch
 from densenet import create_model
 from densenet.rundir import save_checkpoint
 from densenet.errors import UsageError
-from densenet.export import export, load_exported
+from densenet.export import TOLERANCE, export, load_exported
 from densenet.inference import load_for_inference
 
 IMAGENET = {"kind": "imagenet", "input_size": 224, "resize": 256,
@@ -95,12 +95,60 @@ def test_export_exits_non_zero_when_the_difference_exceeds_the_tolerance(checkpo
                                                                          monkeypatch, capsys):
     import densenet.export as export_mod
     from densenet.cli import main
-    monkeypatch.setattr(export_mod, "verify", lambda *a, **k: 0.5)
+    monkeypatch.setattr(export_mod, "verify", lambda *a, **k: export_mod.Difference(0.5, 1.0))
     rc = main(["export", str(checkpoints["densenet_bc100_k12"]), "--format", "torchscript",
                "--out", str(tmp_path / "m.pt")])
     out = capsys.readouterr()
     assert rc == 1
     assert "0.5" in out.out and "FAILED" in out.out
+
+
+@pytest.fixture(scope="module")
+def untrained_weights(tmp_path_factory):
+    """A freshly initialised DenseNet-BC-100 as a plain state dict: BN statistics of mean 0 and
+    variance 1 let its logits grow to ~1e5."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("untrained") / "bc100.pth"
+    torch.save(create_model("densenet_bc100_k12").state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "exported-program"])
+def test_an_untrained_model_passes_relative_to_its_logits_scale(untrained_weights, tmp_path, fmt):
+    loaded = load_for_inference(weights=str(untrained_weights), model="densenet_bc100_k12")
+    report = export(loaded, fmt, tmp_path / f"model{SUFFIX[fmt]}")
+    assert report["logit_scale"] > 1e4  # where float32 rounding alone is ~1e-2 absolute
+    assert report["max_rel_diff"] == report["max_abs_diff"] / report["logit_scale"]
+    assert report["ok"] and report["max_rel_diff"] <= report["tolerance"] == TOLERANCE[fmt]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("tiny") / "bc10.pt", "densenet_bc10_k4", SMALL, 10)
+
+
+@pytest.mark.parametrize("abs_diff,scale,tolerance,ok,relative", [
+    (0.0547, 1.1e5, None, True, "4.97e-07"),   # the issue's untrained model
+    (0.05, 0.5, None, False, "0.05"),          # near-zero logits: divided by the floor of 1
+    (5e-6, 0.01, None, True, "5e-06"),
+    (0.5, 1000.0, "0.001", True, "0.0005"),    # --tolerance is relative too
+    (0.5, 100.0, "0.001", False, "0.005"),
+])
+def test_the_tolerance_is_relative_to_the_logits_scale(tiny_checkpoint, tmp_path, monkeypatch,
+                                                       capsys, abs_diff, scale, tolerance, ok,
+                                                       relative):
+    import densenet.export as export_mod
+    from densenet.cli import main
+    monkeypatch.setattr(export_mod, "verify", lambda *a, **k: export_mod.Difference(abs_diff, scale))
+    extra = ["--tolerance", tolerance] if tolerance else []
+    rc = main(["export", str(tiny_checkpoint), "--format", "torchscript", "--out",
+               str(tmp_path / "m.pt"), *extra])
+    out = capsys.readouterr()
+    assert rc == (0 if ok else 1)
+    assert f"max abs logit difference {abs_diff:.3g} on logits up to {scale:.3g}" in out.out
+    assert f"relative {relative} (tolerance {tolerance or '1e-05'})" in out.out
+    assert ("OK" in out.out) == ok and ("FAILED" in out.out) != ok
+    assert ("do not ship" in out.err) != ok
 
 
 def test_missing_onnxruntime_is_a_clear_error(checkpoints, tmp_path, monkeypatch):
