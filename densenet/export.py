@@ -124,7 +124,7 @@ def require_onnx():
             missing.append(name)
     if missing:
         raise UsageError(f"ONNX export needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
-                         f"not installed: pip install 'densenet[export]' (or pip install "
+                         f"not installed: pip install 'densenet-torch[export]' (or pip install "
                          f"{' '.join(missing)}).")
     import onnx
     return onnx

@@ -153,7 +153,7 @@ def test_the_tolerance_is_relative_to_the_logits_scale(tiny_checkpoint, tmp_path
 
 def test_missing_onnxruntime_is_a_clear_error(checkpoints, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
-    with pytest.raises(UsageError, match=r"onnxruntime.*pip install 'densenet\[export\]'"):
+    with pytest.raises(UsageError, match=r"onnxruntime.*pip install 'densenet-torch\[export\]'"):
         export(load_for_inference(checkpoints["densenet_bc100_k12"]), "onnx", tmp_path / "m.onnx")
 
 
