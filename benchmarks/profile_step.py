@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from densenet import kernels
+from densenet.ops import cpu as kernels
 from densenet.bench import CONFIGS, build
 
 

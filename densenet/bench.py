@@ -9,7 +9,7 @@ Peak memory is torch's own CPU-allocator accounting: the highest live-bytes tota
 one training step (forward, backward, optimizer step), from the allocation events of
 ``torch.profiler`` with ``profile_memory=True``; parameters and data already alive before the
 step are not counted. Our efficient path keeps its large buffers in a pool between steps
-(``kernels.huge_empty``); the pool is emptied before that step, so every buffer it keeps counts
+(``densenet.ops.buffers``); the pool is emptied before that step, so every buffer it keeps counts
 from its allocation in the step on, idle or in use. The process RSS peak (``ru_maxrss``, which includes the allocator's
 overhead) is printed beside it. On CUDA it is ``torch.cuda.max_memory_allocated`` minus the
 memory allocated before the step.
@@ -29,7 +29,7 @@ import time
 import torch
 import torch.nn as nn
 
-from . import kernels
+from . import ops
 from .errors import UsageError
 from .model import create_model, model_info
 
@@ -140,9 +140,9 @@ def measure(model_name: str, variant: str, mode: str, batch: int, size: int, lay
             sync()
             result["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
         else:
-            # our buffer pool (kernels.huge_empty) emptied first, so the buffers it keeps count
+            # our buffer pool (densenet.ops.buffers) emptied first, so the buffers it keeps count
             # from their allocation in this step on, as live memory, idle or not
-            kernels.release_buffers()
+            ops.release_buffers()
             result["peak_mib"] = _peak_step_bytes(step) / 2**20
     result["rss_peak_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     return result
@@ -207,12 +207,21 @@ def compare(model_name: str, train_batch: int, infer_batch: int, size: int, step
 
 
 def memory_vs_depth(depths, batch: int, steps: int, device: str, variants=("ours",), log=print) -> list:
+    """Peak training memory per depth and variant; a configuration that runs out of memory (the
+    reference's quadratic memory at large depths) is a row with ``oom`` set, not an error."""
     rows = []
     for depth in depths:
         for variant in variants:
-            r = _in_subprocess(dict(model_name=f"densenet_bc{depth}_k12", variant=variant, mode="train",
-                                    batch=batch, size=32, layout="channels_last", steps=steps,
-                                    warmup=1, device=device))
+            try:
+                r = _in_subprocess(dict(model_name=f"densenet_bc{depth}_k12", variant=variant,
+                                        mode="train", batch=batch, size=32, layout="channels_last",
+                                        steps=steps, warmup=1, device=device))
+            except RuntimeError as e:
+                if not any(s in str(e).lower() for s in ("out of memory", "not enough memory")):
+                    raise
+                log(f"  L={depth} {variant}: out of memory")
+                rows.append(dict(depth=depth, variant=variant, oom=True))
+                continue
             log(f"  L={depth} {variant}: peak {r['peak_mib']:.0f} MiB (allocator), "
                 f"{r['images_per_s']:.2f} img/s")
             rows.append(dict(depth=depth, variant=variant, peak_mib=r["peak_mib"],
@@ -224,13 +233,15 @@ MODES = (("eager", None, False), ("bf16", "bf16", False), ("compile", None, True
 
 
 def compare_modes(model_name: str, batch: int, size: int, steps: int, warmup: int, repeats: int,
-                  device: str, log=print) -> dict:
+                  device: str, log=print, modes=None) -> dict:
     """Our efficient path against our reference path in each way users train: eager float32,
     bf16 autocast and ``torch.compile`` (float32), interleaved; training images/s and peak
-    memory, and per mode the efficient/reference ratios."""
+    memory, and per mode the efficient/reference ratios. ``modes`` picks some of them by name
+    (default: all)."""
+    chosen = [m for m in MODES if modes is None or m[0] in modes]
     rows = {}
     for rep in range(repeats):
-        for mode, amp, comp in MODES:
+        for mode, amp, comp in chosen:
             for variant in ("ours", "ours-ref"):
                 r = _in_subprocess(dict(model_name=model_name, variant=variant, mode="train", batch=batch,
                                         size=size, layout="channels_last", steps=steps,
@@ -247,12 +258,13 @@ def compare_modes(model_name: str, batch: int, size: int, steps: int, warmup: in
         first_step_s=statistics.median(r["first_step_s"] for r in rs),
         runs=[r["images_per_s"] for r in rs]) for (mode, variant), rs in rows.items()}
     ratios = {}
-    for mode, _, _ in MODES:
+    for mode, _, _ in chosen:
         ours, ref = summary[f"{mode}:ours"], summary[f"{mode}:ours-ref"]
         ratios[f"{mode}_peak_vs_reference"] = ours["peak_mib"] / ref["peak_mib"]
         ratios[f"{mode}_speed_vs_reference"] = ours["images_per_s"] / ref["images_per_s"]
-    ratios["compile_speed_vs_eager"] = (summary["compile:ours"]["images_per_s"]
-                                        / summary["eager:ours"]["images_per_s"])
+    if "compile:ours" in summary and "eager:ours" in summary:
+        ratios["compile_speed_vs_eager"] = (summary["compile:ours"]["images_per_s"]
+                                            / summary["eager:ours"]["images_per_s"])
     return dict(model=model_name, batch=batch, size=size, summary=summary, ratios=ratios)
 
 
@@ -272,7 +284,7 @@ def plot_memory(rows, path: str) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for variant in sorted({r["variant"] for r in rows}):
-        pts = [(r["depth"], r["peak_mib"]) for r in rows if r["variant"] == variant]
+        pts = [(r["depth"], r["peak_mib"]) for r in rows if r["variant"] == variant and "peak_mib" in r]
         ax.plot(*zip(*pts), "o-", label={"ours": "efficient (default)", "ours-ref": "reference"}.get(variant, variant))
     ax.set_xlabel("depth L (DenseNet-BC, k=12)")
     ax.set_ylabel("peak training memory (MiB)")
@@ -294,14 +306,14 @@ def environment(device: str) -> dict:
 def run_bench(model: str | None = None, batch_size: int | None = None,
               infer_batch_size: int | None = None, steps: int = 5, warmup: int = 3,
               repeats: int = 2, device: str = "auto", depths=DEPTHS, depth_reference: bool = False,
-              depth_only: bool = False, plot: str | None = None, modes: bool = False,
-              log=print) -> dict:
+              depth_only: bool = False, plot: str | None = None, modes=False,
+              size: int | None = None, log=print) -> dict:
     """The whole benchmark: each model against torchvision (``compare``), then peak memory
     against depth (``memory_vs_depth``, for the ``depths`` given) with a linear fit and an
-    optional plot. With ``modes``, instead: our efficient against our reference path under
-    eager, bf16 autocast and ``torch.compile`` (``compare_modes``; densenet_bc100_k12 unless
-    ``model`` is given). Returns the report (``format_report`` prints it); ``log`` gets
-    progress."""
+    optional plot. With ``modes`` (True, or some of "eager", "bf16", "compile"), instead: our
+    efficient against our reference path in those modes (``compare_modes``;
+    densenet_bc100_k12 unless ``model`` is given). ``size`` replaces the models' image size.
+    Returns the report (``format_report`` prints it); ``log`` gets progress."""
     if steps < 1 or warmup < 0 or repeats < 1:
         raise UsageError("--steps and --repeats must be at least 1, --warmup at least 0.")
     if device == "auto":
@@ -311,9 +323,9 @@ def run_bench(model: str | None = None, batch_size: int | None = None,
     if model is not None:
         info = model_info(model)  # raises a UsageError naming the known models
         tb, ib, _ = CONFIGS.get(model, (64, 256, info.input_size))
-        configs = {model: (batch_size or tb, infer_batch_size or ib, info.input_size)}
+        configs = {model: (batch_size or tb, infer_batch_size or ib, size or info.input_size)}
     else:
-        configs = {m: (batch_size or tb, infer_batch_size or ib, s) for m, (tb, ib, s) in CONFIGS.items()}
+        configs = {m: (batch_size or tb, infer_batch_size or ib, size or s) for m, (tb, ib, s) in CONFIGS.items()}
     env = environment(device)
     log(f"densenet bench: torch {env['torch']}, torchvision {env['torchvision']}, {env['cpu_count']} CPUs, "
         f"{env['threads']} threads, device {device}; {warmup} warm-up + {steps} timed steps, "
@@ -322,7 +334,8 @@ def run_bench(model: str | None = None, batch_size: int | None = None,
     if modes:
         name = model or "densenet_bc100_k12"
         tb, _, size = configs.get(name, CONFIGS["densenet_bc100_k12"])
-        report["modes"] = compare_modes(name, tb, size, steps, warmup, repeats, device, log)
+        report["modes"] = compare_modes(name, tb, size, steps, warmup, repeats, device, log,
+                                        None if modes is True else modes)
         return report
     if not depth_only:
         for name, (tb, ib, size) in configs.items():
@@ -330,10 +343,12 @@ def run_bench(model: str | None = None, batch_size: int | None = None,
     if depths:
         rows = memory_vs_depth(list(depths), 64, 1, device,
                                ("ours", "ours-ref") if depth_reference else ("ours",), log)
-        ours = [r for r in rows if r["variant"] == "ours"]
-        a, b, worst = fit_line([r["depth"] for r in ours], [r["peak_mib"] for r in ours])
-        report["memory_vs_depth"] = dict(rows=rows, fit=dict(intercept_mib=a, mib_per_depth=b,
-                                                             worst_relative_residual=worst))
+        ours = [r for r in rows if r["variant"] == "ours" and "peak_mib" in r]
+        fit = None
+        if len({r["depth"] for r in ours}) >= 2:  # a line needs two depths
+            a, b, worst = fit_line([r["depth"] for r in ours], [r["peak_mib"] for r in ours])
+            fit = dict(intercept_mib=a, mib_per_depth=b, worst_relative_residual=worst)
+        report["memory_vs_depth"] = dict(rows=rows, fit=fit)
         if plot:
             plot_memory(rows, plot)
     return report
@@ -373,8 +388,10 @@ def format_report(report) -> str:
         m = report["memory_vs_depth"]
         lines.append("\nPeak training memory against depth (DenseNet-BC k=12, batch 64):")
         for r in m["rows"]:
-            lines.append(f"  L={r['depth']} {r['variant']}: {r['peak_mib']:.0f} MiB, {r['images_per_s']:.2f} img/s")
+            lines.append(f"  L={r['depth']} {r['variant']}: out of memory" if r.get("oom") else
+                         f"  L={r['depth']} {r['variant']}: {r['peak_mib']:.0f} MiB, {r['images_per_s']:.2f} img/s")
         f = m["fit"]
-        lines.append(f"  linear fit (efficient): {f['intercept_mib']:.0f} MiB + {f['mib_per_depth']:.2f} MiB x L, "
-                     f"worst relative residual {f['worst_relative_residual']:.3f}")
+        if f is not None:
+            lines.append(f"  linear fit (efficient): {f['intercept_mib']:.0f} MiB + {f['mib_per_depth']:.2f} MiB x L, "
+                         f"worst relative residual {f['worst_relative_residual']:.3f}")
     return "\n".join(lines)

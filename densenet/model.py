@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import efficient
+from . import ops
 from .errors import UsageError
 from .weights import load_weights_into
 
@@ -73,6 +73,23 @@ class DenseLayer(nn.Module):
         x = torch.cat(features, 1) if isinstance(features, (list, tuple)) else features
         return self.forward_tail(self.bottleneck_input(x))
 
+    # The efficient block works out once what a block's layers allow and keeps it; replacing
+    # or removing a layer's part (a norm, say) has it worked out again.
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in self.__dict__.get("_modules", ()):
+            ops.note_structure_change()
+
+    def __delattr__(self, name):
+        part = name in self._modules
+        super().__delattr__(name)
+        if part:
+            ops.note_structure_change()
+
+    def add_module(self, name, module):
+        super().add_module(name, module)
+        ops.note_structure_change()
+
     # Old checkpoints (PyTorch < 0.4, and torchvision's first weights) name these
     # ``norm.1``/``relu.1``/``conv.1``; map them on load so any such file loads strictly.
     _LEGACY_KEY = re.compile(r"^(norm|relu|conv)\.([12])\.(weight|bias|running_mean|running_var|num_batches_tracked)$")
@@ -118,10 +135,10 @@ class DenseBlock(nn.ModuleDict):
 class EfficientDenseBlock(DenseBlock):
     """The same block (same parameters and state dict) computed by the ``densenet::dense_block``
     op: one shared feature buffer, BN-ReLU recomputed in backward, memory linear in L
-    (``densenet/efficient.py``)."""
+    (``densenet/ops``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return efficient.dense_block_forward(self, x)
+        return ops.dense_block_forward(self, x)
 
 
 class Transition(nn.Sequential):
@@ -142,11 +159,19 @@ class EfficientTransition(Transition):
     the 1x1 convolution, BN-ReLU recomputed in backward)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return efficient.transition_forward(self, x)
+        return ops.transition_forward(self, x)
 
 
 # The classes each implementation builds its blocks and transitions from.
 _CLASSES = {"efficient": (EfficientDenseBlock, EfficientTransition), "reference": (DenseBlock, Transition)}
+
+
+def _as_class(module: nn.Module, cls: type) -> nn.Module:
+    """A new ``cls`` module holding ``module``'s children, parameters, buffers and hooks (the
+    same objects, nothing copied): the other implementation of the same block or transition."""
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    return new
 
 
 def _check_positive_int(name: str, value) -> int:
@@ -248,26 +273,23 @@ class _Trunk(nn.Module):
     _tap_after: tuple[str, ...]  # per map, the child of ``features`` it is taken after
 
     def set_implementation(self, implementation: str):
-        """Switch (in place) between the efficient and the plain block and transition classes;
-        they share parameters, buffers and state-dict names, so nothing is copied."""
+        """Switch between the efficient and the plain blocks and transitions: each is replaced
+        by a module of the other class holding the same layers, parameters and buffers (nothing
+        is copied; every state-dict key stays)."""
         if implementation not in IMPLEMENTATIONS:
             raise UsageError(f"implementation must be one of {', '.join(IMPLEMENTATIONS)}, got {implementation!r}.")
         block_cls, transition_cls = _CLASSES[implementation]
-        for m in self.modules():
-            if isinstance(m, DenseBlock):
-                m.__class__ = block_cls
-            elif isinstance(m, Transition):
-                m.__class__ = transition_cls
+        swaps = []
+        for parent in self.modules():
+            for name, child in parent.named_children():
+                cls = (block_cls if isinstance(child, DenseBlock) else
+                       transition_cls if isinstance(child, Transition) else None)
+                if cls is not None and type(child) is not cls:
+                    swaps.append((parent, name, _as_class(child, cls)))
+        for parent, name, new in swaps:
+            setattr(parent, name, new)
         self.implementation = implementation
         return self
-
-    def train(self, mode: bool = True):
-        # The efficient path keeps its large CPU buffers for reuse at the same sizes; a switch
-        # between training and evaluation (validation batches of another size) frees the idle
-        # ones, so the two phases never hold both sets.
-        if mode != self.training:
-            efficient.release_buffers()
-        return super().train(mode)
 
     def _forward_taps(self, x: torch.Tensor, take: Sequence[int], to_end: bool):
         """(last output, maps): the maps at the sorted tap indices ``take``; the last output is
@@ -280,12 +302,12 @@ class _Trunk(nn.Module):
             ends.append(len(children))
         use_ops = self.implementation == "efficient"
         if use_ops:
-            x = efficient.inference_layout(self.features, x)
+            x = ops.inference_layout(self.features, x)
         maps, start = [], 0
         for end in ends:
             if end > start:
                 mods, relu = children[start:end], end == len(children)  # norm5 and the final ReLU
-                x = efficient.children_forward(mods, x, relu) if use_ops else _run_plain(mods, x, relu)
+                x = ops.children_forward(mods, x, relu) if use_ops else _run_plain(mods, x, relu)
                 start = end
             maps.append(x)
         return x, maps[:len(take)]
@@ -400,7 +422,7 @@ class DenseNet(_Trunk):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The final feature map, after the last BN and ReLU (N, num_features, H', W')."""
         if self.implementation == "efficient":
-            return efficient.features_forward(self.features, x)
+            return ops.features_forward(self.features, x)
         return F.relu(self.features(x))
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,

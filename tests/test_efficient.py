@@ -42,11 +42,12 @@ def path(request, monkeypatch):
     """The three ways the efficient path runs on a CPU: the compiled kernels (default), the
     torch ops used where they are unavailable (CUDA, no compiler), and the row-chunked 1x1
     part with many chunks and a ragged last one (real runs use 4096-row chunks)."""
-    from densenet import efficient, kernels
+    from densenet import backends
+    from densenet.ops import cpu as kernels, rows
     if request.param == "torch-ops":
-        monkeypatch.setenv("DENSENET_KERNELS", "0")
+        monkeypatch.setattr(backends, "cpu_kernels", False)
     elif request.param == "small-chunks":
-        monkeypatch.setattr(efficient, "_chunk_rows", lambda t, m: min(m, 37))
+        monkeypatch.setattr(rows, "chunk_rows", lambda t, m: min(m, 37))
     if request.param != "torch-ops" and not kernels.available(torch.zeros(1)):
         pytest.skip(f"kernels unavailable: {kernels.unavailable_reason()}")
     return request.param
@@ -154,6 +155,55 @@ def test_the_default_implementation_is_the_efficient_one():
     assert create_model("densenet121").implementation == "efficient"
 
 
+def test_the_implementation_is_chosen_at_construction_and_switching_replaces_modules():
+    from densenet.model import DenseBlock, EfficientDenseBlock, EfficientTransition, Transition
+    model = densenet_cifar(16, growth_rate=4, implementation="reference")
+    assert {type(m) for m in model.modules()} >= {DenseBlock, Transition}
+    assert not any(type(m) in (EfficientDenseBlock, EfficientTransition) for m in model.modules())
+    block, layer = model.features.denseblock1, model.features.denseblock1.denselayer1
+    keys = list(model.state_dict())
+    params = {k: p.data_ptr() for k, p in model.named_parameters()}
+    model.set_implementation("efficient")
+    new_block = model.features.denseblock1
+    assert type(new_block) is EfficientDenseBlock and new_block is not block  # a new module...
+    assert type(block) is DenseBlock                                           # ...the old one untouched
+    assert new_block.denselayer1 is layer                                      # holding the same layers
+    assert type(model.features.transition1) is EfficientTransition
+    assert list(model.state_dict()) == keys
+    assert {k: p.data_ptr() for k, p in model.named_parameters()} == params  # nothing copied
+
+
+def test_a_hook_registered_after_the_block_ran_still_fires():
+    torch.manual_seed(0)
+    model = densenet_cifar(16, growth_rate=4).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        model(x)  # the block's plan is worked out and kept
+        seen = []
+        handle = model.features.denseblock2.denselayer2.conv1.register_forward_hook(
+            lambda m, i, o: seen.append(o.shape))
+        model(x)
+        handle.remove()
+        model(x)
+    assert seen == [(2, 16, 4, 4)]
+
+
+def test_a_layer_part_replaced_after_the_block_ran_is_seen():
+    """Replacing a layer's norm with one the op does not compute (here a BatchNorm without
+    affine parameters) makes the block run its modules, as it would have from the start."""
+    torch.manual_seed(0)
+    model = densenet_cifar(16, growth_rate=4).double().train()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    model(x)
+    layer = model.features.denseblock1.denselayer2
+    layer.norm1 = torch.nn.BatchNorm2d(layer.norm1.num_features, affine=False).double()
+    ref = copy.deepcopy(model).set_implementation("reference")
+    torch.manual_seed(3)
+    got = model(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(got, ref(x), rtol=1e-10, atol=1e-10)
+
+
 def test_each_parameter_gets_its_gradient_once_per_backward():
     # DDP's reducer fails with "marked ready twice" otherwise
     model = densenet_cifar(16, growth_rate=4)
@@ -258,14 +308,12 @@ def test_transition_pools_before_its_convolution_with_the_same_result(dtype, pat
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_fused_stem_bn_relu_maxpool_matches_the_modules(dtype, channels_last, train):
+def test_fused_stem_bn_relu_maxpool_matches_the_modules(dtype, channels_last, train, path):
     """The ImageNet stem's BN-ReLU-max-pooling as one function: same output, input and
     parameter gradients and running statistics as the three modules; only its input is kept
     for backward (the modules keep the BN-ReLU output and int64 pooling indices as well)."""
     import torch.nn as nn
-    from densenet import efficient, kernels
-    if not kernels.available(torch.zeros(1)):
-        pytest.skip(f"kernels unavailable: {kernels.unavailable_reason()}")
+    from densenet import ops
     torch.manual_seed(0)
     ref = nn.Sequential(nn.BatchNorm2d(6), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)).to(dtype).train(train)
     ref[0].weight.data.uniform_(0.5, 1.5)
@@ -281,7 +329,7 @@ def test_fused_stem_bn_relu_maxpool_matches_the_modules(dtype, channels_last, tr
         if fused:
             with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
                 saved = []
-                out = efficient.bn_relu_maxpool_forward(norm, pool, xi)
+                out = ops.bn_relu_maxpool_forward(norm, pool, xi)
             # x, BN's parameters and statistics: nothing of the BN-ReLU output or the indices
             assert [t.shape for t in saved] == [(3, 6, 15, 13), (6,), (6,)] + (
                 [(2, 6)] if train else [(0,), (6,), (6,)])
@@ -299,13 +347,13 @@ def test_fused_stem_bn_relu_maxpool_matches_the_modules(dtype, channels_last, tr
 
 def test_stem_pooling_the_fused_kernel_does_not_cover_runs_the_modules():
     import torch.nn as nn
-    from densenet import efficient
+    from densenet.ops.modules import maxpool_fusable
     x = torch.randn(2, 4, 9, 9)
-    assert efficient._maxpool_fusable(nn.MaxPool2d(3, 2, 1), x)
+    assert maxpool_fusable(nn.MaxPool2d(3, 2, 1), x)
     for pool in (nn.MaxPool2d(3, 2, 1, ceil_mode=True), nn.MaxPool2d(3, 2, 1, dilation=2),
                  nn.MaxPool2d(3, 2, 1, return_indices=True), nn.AvgPool2d(3, 2, 1),
                  nn.MaxPool2d(3, 0, 1), nn.MaxPool2d(3, 2, 2), nn.MaxPool2d(13, 1, 1)):
-        assert not efficient._maxpool_fusable(pool, x)
+        assert not maxpool_fusable(pool, x)
     torch.manual_seed(0)
     model = create_model("densenet121", block_config=(2, 3), num_classes=7).double()
     model.features.pool0 = nn.MaxPool2d(3, 2, 1, ceil_mode=True)

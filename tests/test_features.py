@@ -11,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from densenet import DenseNet, DenseNetFeatures, UsageError, create_model, densenet_cifar, efficient
+from densenet import DenseNet, DenseNetFeatures, UsageError, create_model, densenet_cifar
+from densenet.ops import block, modules
 
 
 def _cifar(**kw):
@@ -50,10 +51,10 @@ def _assert_close(got, want, msg=None, tol=1e-5):
 def op_calls(monkeypatch):
     """Calls of the block op's and the BN-ReLU op's forwards (a fallback to the modules runs
     neither): ``op_calls["block"].call_count``."""
-    mocks = {"block": mock.Mock(wraps=efficient._block_forward),
-             "bn_relu": mock.Mock(wraps=efficient.bn_relu_forward)}
-    monkeypatch.setattr(efficient, "_block_forward", mocks["block"])
-    monkeypatch.setattr(efficient, "bn_relu_forward", mocks["bn_relu"])
+    mocks = {"block": mock.Mock(wraps=block.forward),
+             "bn_relu": mock.Mock(wraps=modules.bn_relu_forward)}
+    monkeypatch.setattr(block, "forward", mocks["block"])
+    monkeypatch.setattr(modules, "bn_relu_forward", mocks["bn_relu"])
     return mocks
 
 

@@ -5,6 +5,7 @@ steps of small DenseNets through them against the plain modules (float32, with a
 dropout) and against the float32 step (bf16 autocast)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from densenet import efficient, gpu_kernels
+from densenet import backends
+from densenet.ops import cuda as gpu_kernels
 
 SCRIPT = Path(__file__).with_name("triton_interpreted.py")
 pytestmark = pytest.mark.skipif(gpu_kernels.triton is None, reason="Triton is not installed")
@@ -64,6 +66,7 @@ def test_under_bf16_autocast_the_kernels_are_as_close_to_float32_as_the_plain_mo
     assert err["triton"] <= 1.5 * err["reference"] + 0.02, err
     assert err["triton"] <= 1.5 * err["torch ops"] + 0.02, err
     assert min(err["calls"].values()) >= 1 and len(err["calls"]) == 4
+    assert err["calls with triton off"] == {}  # densenet.backends.triton = False: the torch ops
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens without a GPU")
@@ -71,9 +74,12 @@ def test_outside_the_interpreter_the_kernels_want_cuda_tensors_and_cpu_keeps_its
     x = torch.randn(8, 4)
     with pytest.raises(ValueError, match=r"^bn_relu: x must be a CUDA tensor, got one on cpu$"):
         gpu_kernels.bn_relu(x, torch.ones(4), torch.ones(4), torch.empty(8, 4))
-    assert not gpu_kernels.available(x) and not efficient._triton(x)  # CPU: the C kernels
+    assert not gpu_kernels.available(x)  # CPU tensors: the C kernels, registered for the CPU key
 
 
-def test_densenet_triton_0_turns_the_kernels_off(monkeypatch):
-    monkeypatch.setenv("DENSENET_TRITON", "0")
-    assert not gpu_kernels.available()
+def test_densenet_triton_0_turns_the_kernels_off():
+    env = dict(os.environ, DENSENET_TRITON="0")
+    code = "import densenet.backends as b; print(b.triton)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    assert backends.triton is (os.environ.get("DENSENET_TRITON", "1") != "0")

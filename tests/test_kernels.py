@@ -337,19 +337,12 @@ def test_a_definition_that_disagrees_with_the_header_does_not_compile(tmp_path):
     assert proc.returncode != 0 and re.search(r"conflicting types for .copy_cols_f32", proc.stderr)
 
 
-# densenet/kernels.py, the old module with its C in Python strings that densenet.ops.cpu and csrc/
-# replace, is the one exception while it exists; once it is deleted the test fails until this set
-# is emptied, so the exception cannot outlive it.
-_REPLACED = {"kernels.py"}
-
-
 def test_no_python_file_in_the_package_holds_c_source():
     package = Path(kernels.__file__).parents[1]
     c_line = re.compile(r"^\s*(#pragma omp|#include [<\"]|#define |static inline )", re.M)
     assert c_line.search((CSRC / "kernels_body.h").read_text()) and c_line.search((CSRC / "kernels.c").read_text())
     holding = sorted(str(f.relative_to(package)) for f in package.rglob("*.py") if c_line.search(f.read_text()))
-    assert holding == sorted(n for n in _REPLACED if (package / n).exists())
-    assert all((package / n).exists() for n in _REPLACED), "the replaced module is gone: empty _REPLACED"
+    assert holding == []
 
 
 # ------------------------------------------------------------------------------ argument checks

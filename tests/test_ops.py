@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from densenet import densenet_cifar, efficient
+from densenet import densenet_cifar
+from densenet.ops import block
 
 
 @pytest.fixture
@@ -23,8 +24,8 @@ def calls(monkeypatch):
             return fn(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(efficient, "_block_forward", counted(efficient._block_forward, "forward"))
-    monkeypatch.setattr(efficient, "_block_backward", counted(efficient._block_backward, "backward"))
+    monkeypatch.setattr(block, "forward", counted(block.forward, "forward"))
+    monkeypatch.setattr(block, "backward", counted(block.backward, "backward"))
     return counts
 
 

@@ -12,7 +12,8 @@ import json  # noqa: E402
 
 import torch  # noqa: E402
 
-from densenet import densenet_cifar, efficient, gpu_kernels  # noqa: E402
+from densenet import backends, densenet_cifar  # noqa: E402
+from densenet.ops import cuda as gpu_kernels, elementwise  # noqa: E402
 
 
 def rel(got, ref):
@@ -88,15 +89,15 @@ for _name in ("bn_relu", "bn_relu_grad", "bn_grad_apply", "col_affine_add"):
         CALLS[_name] = CALLS.get(_name, 0) + 1
         return _fn(*args, **kwargs)
     setattr(gpu_kernels, _name, _counted)
-efficient._fused = lambda t: False  # not the C kernels: the Triton ones, or else torch ops
+# CPU tensors get the Triton kernels (interpreted) where CUDA tensors would: registered for the
+# CPU dispatch key in place of the C kernels; densenet.backends.triton off gives the torch ops
+elementwise.register_kernels("CPU", *elementwise._cuda_kernels())
 
 
 def _step(model, x, how, bf16):
     """One training step on a copy of ``model``: "reference" (plain modules), "torch ops" (the
     efficient block without kernels) or "triton" (the efficient block through the kernels)."""
-    triton = how == "triton"
-    gpu_kernels.available = (lambda t=None: t is None or t.dtype in gpu_kernels.TYPES) if triton \
-        else (lambda t=None: False)
+    backends.triton = how == "triton"
     net = copy.deepcopy(model).set_implementation("reference" if how == "reference" else "efficient")
     net.train()
     xi = x.clone().requires_grad_(True)
@@ -146,6 +147,8 @@ def bf16_step(case):
         out[how] = ((flat(r) - flat(exact)).norm() / flat(exact).norm()).item()
         if how == "triton":
             out["calls"] = dict(CALLS)
+        elif how == "torch ops":  # densenet.backends.triton = False: none of the kernels ran
+            out["calls with triton off"] = dict(CALLS)
     return out
 
 

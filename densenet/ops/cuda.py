@@ -1,7 +1,8 @@
-"""The dense block's element-wise work on a GPU as fused Triton kernels.
+"""The element-wise passes on a GPU as fused Triton kernels (the ``CUDA`` kernels of
+:mod:`densenet.ops.elementwise`).
 
-The same four passes as the CPU kernels (``kernels.py``), on (M, C) matrices - channel slices of
-a block's channels-last buffer, so rows are strided and columns contiguous:
+Four passes on (M, C) matrices - channel slices of a block's channels-last buffer, so rows are
+strided and columns contiguous:
 
 * ``bn_relu``: out = relu(x * scale + shift);
 * ``bn_relu_grad``: the ReLU mask applied to the gradient g (written back as g'), the two BN
@@ -17,18 +18,22 @@ summed by torch, not with atomics, so a step gives the same result every time. N
 reads a value back to the host, so a training step stays capturable in a CUDA graph.
 
 Every wrapper checks shapes, dtypes, strides and devices first and raises ValueError naming the
-kernel and the argument (the checks of ``kernels.py``), so no launch can index out of bounds.
-Under Triton's interpreter (``TRITON_INTERPRET=1`` in the environment before this module is
-imported) the kernels run on CPU tensors, which is how they are tested without a GPU.
+kernel and the argument (:mod:`densenet.ops.checks`), so no launch can index out of bounds.
+Every launch goes through :data:`LAUNCHES`, which lists each kernel's parameters and the
+constexpr combinations the wrappers use: the tests compile every kernel from it for real GPU
+targets (sm_80, sm_90) on a machine without a GPU. Under Triton's interpreter
+(``TRITON_INTERPRET=1`` in the environment before this module is imported) the kernels run on
+CPU tensors, which is how their arithmetic is tested without a GPU.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
 
-from .kernels import _mat, _vecs
+from .checks import mat, vecs
 
 try:
     import triton
@@ -44,10 +49,10 @@ BLOCK_M, BLOCK_C = 64, 32  # rows x channels per program (not tuned on a GPU)
 
 def available(t: torch.Tensor | None = None) -> bool:
     """True when the kernels can run on ``t`` (a CUDA float32/bfloat16/float16 tensor, Triton
-    importable; ``DENSENET_TRITON=0`` turns them off, leaving the torch ops)."""
-    if triton is None or os.environ.get("DENSENET_TRITON", "1") == "0":
+    importable); ``densenet.backends.triton`` is checked where the kernels are registered."""
+    if triton is None:
         return False
-    return t is None or (t.device.type == "cuda" and t.dtype in TYPES)
+    return t is None or (t.device.type == DEVICE and t.dtype in TYPES)
 
 
 if triton is not None:
@@ -123,25 +128,67 @@ if triton is not None:
         tl.store(out_ptr + rm[:, None] * ldo + rc[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# Every kernel's parameters in order, by kind: "map" (a matrix pointer of the maps' dtype),
+# "f32" (a float32 pointer: per-channel vectors, the partial sums), "int" (a stride or size),
+# "constexpr"; and the constexpr combinations the wrappers launch it with. The wrappers take
+# their constexprs from here, and tests/test_triton_compile.py compiles every combination.
+_BLOCKS = {"BM": BLOCK_M, "BC": BLOCK_C}
+LAUNCHES = {
+    "bn_relu": dict(kernel="_bn_relu_kernel", params=[
+        ("x_ptr", "map"), ("ldx", "int"), ("scale_ptr", "f32"), ("shift_ptr", "f32"),
+        ("out_ptr", "map"), ("ldo", "int"), ("M", "int"), ("C", "int"),
+        ("BM", "constexpr"), ("BC", "constexpr")],
+        constexprs=[dict(_BLOCKS)]),
+    "bn_relu_grad": dict(kernel="_bn_relu_grad_kernel", params=[
+        ("x_ptr", "map"), ("ldx", "int"), ("g_ptr", "map"), ("ldg", "int"), ("scale_ptr", "f32"),
+        ("shift_ptr", "f32"), ("mean_ptr", "f32"), ("dx_ptr", "map"), ("lddx", "int"),
+        ("z_ptr", "map"), ("ldz", "int"), ("part_ptr", "f32"), ("M", "int"), ("C", "int"),
+        ("HAS_DX", "constexpr"), ("ASSIGN", "constexpr"), ("HAS_Z", "constexpr"),
+        ("BM", "constexpr"), ("BC", "constexpr")],
+        # ASSIGN only means something with dx: the wrapper passes it as (assign and dx given)
+        constexprs=[dict(HAS_DX=dx, ASSIGN=assign, HAS_Z=z, **_BLOCKS)
+                    for dx, z in itertools.product((False, True), (False, True))
+                    for assign in ((False, True) if dx else (False,))]),
+    "bn_grad_apply": dict(kernel="_bn_grad_apply_kernel", params=[
+        ("x_ptr", "map"), ("ldx", "int"), ("g_ptr", "map"), ("ldg", "int"), ("scale_ptr", "f32"),
+        ("shift_ptr", "f32"), ("mean_ptr", "f32"), ("a_ptr", "f32"), ("b_ptr", "f32"),
+        ("out_ptr", "map"), ("ldo", "int"), ("M", "int"), ("C", "int"),
+        ("BM", "constexpr"), ("BC", "constexpr")],
+        constexprs=[dict(_BLOCKS)]),
+    "col_affine_add": dict(kernel="_affine_add_kernel", params=[
+        ("x_ptr", "map"), ("ldx", "int"), ("coef_ptr", "f32"), ("const_ptr", "f32"),
+        ("src_ptr", "map"), ("lds", "int"), ("out_ptr", "map"), ("ldo", "int"), ("M", "int"),
+        ("C", "int"), ("BM", "constexpr"), ("BC", "constexpr")],
+        constexprs=[dict(_BLOCKS)]),
+}
+
+
+def _launch(name: str, m: int, c: int, *args, **flags) -> None:
+    """Launch kernel ``name`` over an (m, c) matrix with the runtime ``args`` (in the order of
+    its parameters) and the constexprs of the combination ``flags`` selects."""
+    spec = LAUNCHES[name]
+    constexprs = dict(_BLOCKS, **flags)
+    if constexprs not in spec["constexprs"]:
+        raise ValueError(f"{name}: no compiled combination {flags}")
+    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(c, BLOCK_C))
+    globals()[spec["kernel"]][grid](*args, **constexprs)
+
+
 def _check(name: str, x) -> int:
     if triton is None:
         raise RuntimeError(f"{name}: Triton is not installed (it comes with PyTorch's CUDA wheels)")
-    return _mat(name, "x", x, types=TYPES, device=DEVICE)
-
-
-def _grid(m: int, c: int) -> tuple[int, int]:
-    return triton.cdiv(m, BLOCK_M), triton.cdiv(c, BLOCK_C)
+    return mat(name, "x", x, types=TYPES, device=DEVICE)
 
 
 def bn_relu(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out = relu(x * scale + shift), column-wise scale and shift."""
     name = "bn_relu"
     ldx = _check(name, x)
-    ldo = _mat(name, "out", out, x, write=True, types=TYPES, device=DEVICE)
-    scale, shift = _vecs(name, x, torch.float32, scale=scale, shift=shift)
+    ldo = mat(name, "out", out, x, write=True, types=TYPES, device=DEVICE)
+    scale, shift = vecs(name, x, torch.float32, scale=scale, shift=shift)
     m, c = x.shape
     if m and c:
-        _bn_relu_kernel[_grid(m, c)](x, ldx, scale, shift, out, ldo, m, c, BM=BLOCK_M, BC=BLOCK_C)
+        _launch(name, m, c, x, ldx, scale, shift, out, ldo, m, c)
     return out
 
 
@@ -152,10 +199,10 @@ def bn_relu_grad(x, g, scale, shift, mean, dx=None, sums=None, z=None, assign=Fa
     dx += g' * scale (dx = g' * scale with ``assign``); with ``z``, z = relu(x * scale + shift)."""
     name = "bn_relu_grad"
     ldx = _check(name, x)
-    ldg = _mat(name, "g", g, x, write=True, types=TYPES, device=DEVICE)
-    lddx = _mat(name, "dx", dx, x, write=True, types=TYPES, device=DEVICE) if dx is not None else 0
-    ldz = _mat(name, "z", z, x, write=True, types=TYPES, device=DEVICE) if z is not None else 0
-    scale, shift, mean = _vecs(name, x, torch.float32, scale=scale, shift=shift, mean=mean)
+    ldg = mat(name, "g", g, x, write=True, types=TYPES, device=DEVICE)
+    lddx = mat(name, "dx", dx, x, write=True, types=TYPES, device=DEVICE) if dx is not None else 0
+    ldz = mat(name, "z", z, x, write=True, types=TYPES, device=DEVICE) if z is not None else 0
+    scale, shift, mean = vecs(name, x, torch.float32, scale=scale, shift=shift, mean=mean)
     m, c = x.shape
     if sums is None:
         sums = torch.zeros(2, c, dtype=torch.float64, device=x.device)
@@ -164,12 +211,10 @@ def bn_relu_grad(x, g, scale, shift, mean, dx=None, sums=None, z=None, assign=Fa
         raise ValueError(f"{name}: sums must be a floating (2, {c}) tensor on {x.device}, got "
                          f"{tuple(sums.shape) if isinstance(sums, torch.Tensor) else type(sums).__name__}")
     if m and c:
-        rows, cols = _grid(m, c)
-        part = torch.empty(rows, 2, c, dtype=torch.float32, device=x.device)
-        _bn_relu_grad_kernel[(rows, cols)](
-            x, ldx, g, ldg, scale, shift, mean, dx if dx is not None else x, lddx,
-            z if z is not None else x, ldz, part, m, c, HAS_DX=dx is not None, ASSIGN=bool(assign),
-            HAS_Z=z is not None, BM=BLOCK_M, BC=BLOCK_C)
+        part = torch.empty(triton.cdiv(m, BLOCK_M), 2, c, dtype=torch.float32, device=x.device)
+        _launch(name, m, c, x, ldx, g, ldg, scale, shift, mean, dx if dx is not None else x, lddx,
+                z if z is not None else x, ldz, part, m, c, HAS_DX=dx is not None,
+                ASSIGN=bool(assign) and dx is not None, HAS_Z=z is not None)
         sums += part.sum(0)
     elif dx is not None and assign:
         dx.zero_()
@@ -180,13 +225,12 @@ def bn_grad_apply(x, g, scale, shift, mean, a, b, out):
     """out = scale * (g' - a - (x - mean) * b), g' as in ``bn_relu_grad``; ``out`` may be ``g``."""
     name = "bn_grad_apply"
     ldx = _check(name, x)
-    ldg = _mat(name, "g", g, x, types=TYPES, device=DEVICE)
-    ldo = _mat(name, "out", out, x, write=True, types=TYPES, device=DEVICE)
-    vecs = _vecs(name, x, torch.float32, scale=scale, shift=shift, mean=mean, a=a, b=b)
+    ldg = mat(name, "g", g, x, types=TYPES, device=DEVICE)
+    ldo = mat(name, "out", out, x, write=True, types=TYPES, device=DEVICE)
+    vectors = vecs(name, x, torch.float32, scale=scale, shift=shift, mean=mean, a=a, b=b)
     m, c = x.shape
     if m and c:
-        _bn_grad_apply_kernel[_grid(m, c)](x, ldx, g, ldg, *vecs, out, ldo, m, c, BM=BLOCK_M,
-                                           BC=BLOCK_C)
+        _launch(name, m, c, x, ldx, g, ldg, *vectors, out, ldo, m, c)
     return out
 
 
@@ -194,11 +238,10 @@ def col_affine_add(x, coef, const, src, out):
     """out = src + x * coef + const, column-wise coef and const; ``out`` may be ``src``."""
     name = "col_affine_add"
     ldx = _check(name, x)
-    lds = _mat(name, "src", src, x, types=TYPES, device=DEVICE)
-    ldo = _mat(name, "out", out, x, write=True, types=TYPES, device=DEVICE)
-    coef, const = _vecs(name, x, torch.float32, coef=coef, const=const)
+    lds = mat(name, "src", src, x, types=TYPES, device=DEVICE)
+    ldo = mat(name, "out", out, x, write=True, types=TYPES, device=DEVICE)
+    coef, const = vecs(name, x, torch.float32, coef=coef, const=const)
     m, c = x.shape
     if m and c:
-        _affine_add_kernel[_grid(m, c)](x, ldx, coef, const, src, lds, out, ldo, m, c, BM=BLOCK_M,
-                                        BC=BLOCK_C)
+        _launch(name, m, c, x, ldx, coef, const, src, lds, out, ldo, m, c)
     return out

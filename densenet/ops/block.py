@@ -1,0 +1,305 @@
+"""The math of a whole dense block with one shared feature buffer (after Pleiss et al. 2017,
+arXiv 1707.06990): :func:`forward` and :func:`backward`, called by the ``densenet::dense_block``
+op and its backward op (:mod:`densenet.ops.library`).
+
+* The block owns one channels-last buffer ``B`` of shape (N, H, W, C_in + L*k); layer l writes
+  its k maps into its slice and reads ``B[..., :C_l]`` in place - no concatenation is ever made.
+  Viewed as an (N*H*W, C) matrix, the input of layer l is a strided sub-matrix; the 1x1
+  bottleneck convolution runs on it as matrix products (:func:`densenet.ops.rows.product`).
+* BN batch statistics of a channel are the same for every later layer that reads it (only the
+  affine parameters differ per consumer), so per-channel mean/var are computed once, when the
+  maps are written, and shared.
+* Backward saves only ``B``, the bottleneck outputs (4k maps per layer) and dropout masks -
+  linear in depth. The concatenated BN-ReLU input of each layer (the expensive, quadratic part)
+  is recomputed into a scratch buffer reused by all layers.
+* The input-gradient of a BN layer in training mode has two per-channel "mean" corrections.
+  Every consumer of a channel uses the same batch mean and inverse std, so the corrections of
+  all consumers are summed as per-channel scalars and applied once per segment, when all its
+  consumers are done - one pass over k maps instead of one pass per consumer.
+* The element-wise work is the registered passes of :mod:`densenet.ops.elementwise` (fused
+  kernels on the CPU and CUDA). On the CPU the 1x1 part goes through the rows in 4096-row
+  chunks so the BN-ReLU scratch stays in cache between the kernel and the product, and BN2's
+  statistics are gathered chunk by chunk while each chunk is in cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import buffers, rows
+from .elementwise import (bn_grad_apply, bn_relu, bn_relu_grad, col_affine_add, col_stats,
+                          col_stats_acc, copy_cols, stats_from_state, stats_state)
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """What a block op computes besides its tensors. ``params`` hold, per layer, (norm1 weight,
+    bias, conv1 weight[, norm2 weight, bias, conv2 weight]); ``running`` per layer the running
+    (mean, var) of norm1[, norm2] (used when ``batch_stats`` is False); ``masks`` per layer the
+    dropout masks (bool) after conv1[, conv2], empty without dropout."""
+    growth_rate: int
+    bottleneck: bool
+    eps: float
+    batch_stats: bool   # BN in training mode: normalise with (and return) batch statistics
+    drop_rate: float
+
+    @property
+    def per_layer(self) -> int:
+        """Parameters per layer (three per BN-ReLU-Conv)."""
+        return 6 if self.bottleneck else 3
+
+    def num_layers(self, params) -> int:
+        return len(params) // self.per_layer
+
+    def masks_per_layer(self, masks) -> int:
+        return (2 if self.bottleneck else 1) if masks else 0
+
+
+@dataclass
+class Saved:
+    """What forward leaves for backward: the buffer (N, H, W, C), the bottleneck outputs
+    (L, N*H*W, 4k) and the batch statistics of the buffer's channels (2, C) and of each
+    bottleneck output (L, 2, 4k)."""
+    buf: torch.Tensor
+    y1: torch.Tensor
+    stats1: torch.Tensor
+    stats2: torch.Tensor
+
+
+def _layer_stats(i, c_in, stats1, stats2, running, spec: BlockSpec):
+    """(mean1, rstd1, mean2, rstd2) layer i normalises with: the block's batch statistics in
+    training, its BNs' running statistics otherwise (mean2/rstd2 None for a basic layer)."""
+    eps = spec.eps
+    if spec.batch_stats:
+        mean1, rstd1 = stats1[0, :c_in], torch.rsqrt(stats1[1, :c_in] + eps)
+        if spec.bottleneck:
+            return mean1, rstd1, stats2[i, 0], torch.rsqrt(stats2[i, 1] + eps)
+        return mean1, rstd1, None, None
+    r = running[4 * i:4 * i + 4] if spec.bottleneck else running[2 * i:2 * i + 2]
+    mean1, rstd1 = r[0], torch.rsqrt(r[1] + eps)
+    if spec.bottleneck:
+        return mean1, rstd1, r[2], torch.rsqrt(r[3] + eps)
+    return mean1, rstd1, None, None
+
+
+def _scaled_mask(mask: torch.Tensor, drop_rate: float, dtype) -> torch.Tensor:
+    """The noise F.dropout multiplies by, from its mask: 0 or 1/(1-p), in ``dtype``."""
+    return mask.to(dtype).div_(1 - drop_rate)
+
+
+def forward(x, params, running, masks, spec: BlockSpec, save: bool) -> Saved:
+    """The block on ``x`` (N, C0, H, W): its output is ``buf`` (N, H, W, C0 + L*k). With
+    ``save``, the bottleneck outputs of every layer are kept for backward."""
+    n, c0, h, w = x.shape
+    k, eps, drop_rate, batch_stats = spec.growth_rate, spec.eps, spec.drop_rate, spec.batch_stats
+    bottleneck, per = spec.bottleneck, spec.per_layer
+    num = spec.num_layers(params)
+    c_total = c0 + num * k
+    m = n * h * w
+    sd = rows.stat_dtype(x.dtype)
+    buf = buffers.huge_empty((n, h, w, c_total), x)
+    buf[..., :c0].copy_(x.permute(0, 2, 3, 1))
+    X = buf.view(m, c_total)
+
+    stats1, stats2 = x.new_empty(0, dtype=sd), x.new_empty(0, dtype=sd)
+    if batch_stats:
+        stats1 = x.new_empty((2, c_total), dtype=sd)
+        stats1[0, :c0], stats1[1, :c0] = col_stats(X[:, :c0], eps)
+    inner = params[2].shape[0] if bottleneck else 0
+    if bottleneck:
+        if batch_stats:
+            stats2 = x.new_empty((num, 2, inner), dtype=sd)
+        y1_store = buffers.huge_empty((num if save else 1, m, inner), x)
+        z2 = buffers.huge_empty((m, inner), x)
+    chunk = rows.chunk_rows(x, m) if bottleneck else m
+    scratch = x.new_empty(chunk * (c0 + (num - 1) * k))  # BN-ReLU'd input of the current layer
+    masks_per = spec.masks_per_layer(masks)
+    for i in range(num):
+        p = params[i * per:(i + 1) * per]
+        c_in = c0 + i * k
+        if batch_stats and bottleneck:
+            mean1, rstd1 = stats1[0, :c_in], torch.rsqrt(stats1[1, :c_in] + eps)
+        else:
+            mean1, rstd1, mean2, rstd2 = _layer_stats(i, c_in, stats1, stats2, running, spec)
+        scale1 = p[0] * rstd1
+        shift1 = p[1] - mean1 * scale1
+        layer_masks = masks[i * masks_per:(i + 1) * masks_per]
+        if bottleneck:
+            y1 = y1_store[i if save else 0]
+            # BN2's batch statistics gathered chunk by chunk while each y1 chunk is in cache
+            # (after dropout they must wait for the masked maps)
+            state = (stats_state(inner, x.device) if batch_stats and not layer_masks and chunk < m
+                     else None)
+            for lo in range(0, m, chunk):
+                hi = min(lo + chunk, m)
+                z = bn_relu(X[lo:hi, :c_in], scale1, shift1, scratch[: (hi - lo) * c_in].view(hi - lo, c_in))
+                rows.product(z, p[2], y1[lo:hi])
+                if state is not None:
+                    col_stats_acc(y1[lo:hi], state)
+            if layer_masks:
+                rows.nchw(y1, n, h, w).mul_(_scaled_mask(layer_masks[0], drop_rate, y1.dtype))
+            if batch_stats:
+                mean2, var2 = (stats_from_state(state, sd) if state is not None
+                               else col_stats(y1, eps))
+                stats2[i, 0], stats2[i, 1] = mean2, var2
+                mean2, rstd2 = stats2[i, 0], torch.rsqrt(stats2[i, 1] + eps)
+            scale2 = p[3] * rstd2
+            bn_relu(y1, scale2, p[4] - mean2 * scale2, z2)
+            new = F.conv2d(rows.nchw(z2, n, h, w), p[5], padding=p[5].shape[-1] // 2)
+        else:
+            z = bn_relu(X[:, :c_in], scale1, shift1, scratch[: m * c_in].view(m, c_in))
+            new = F.conv2d(rows.nchw(z, n, h, w), p[2], padding=p[2].shape[-1] // 2)
+        if layer_masks:
+            new = new * _scaled_mask(layer_masks[-1], drop_rate, new.dtype)
+        new_rows = rows.rows(new)  # a view: the convolution's output is channels-last
+        if batch_stats:
+            stats1[0, c_in:c_in + k], stats1[1, c_in:c_in + k] = col_stats(new_rows, eps)
+        copy_cols(new_rows, X[:, c_in:c_in + k])
+    y1_out = y1_store if bottleneck and save else x.new_empty(0)
+    return Saved(buf, y1_out, stats1, stats2)
+
+
+def backward(grad, saved: Saved, params, running, masks, spec: BlockSpec,
+             channels_last: bool) -> list[torch.Tensor]:
+    """[d input, d params...] of :func:`forward` from the gradient ``grad`` at its buffer; the
+    input gradient in channels-last or contiguous format as ``channels_last`` says."""
+    buf = saved.buf
+    n, h, w, c_total = buf.shape
+    m = n * h * w
+    k, eps, drop_rate, batch_stats = spec.growth_rate, spec.eps, spec.drop_rate, spec.batch_stats
+    bottleneck, per = spec.bottleneck, spec.per_layer
+    num = spec.num_layers(params)
+    c0 = params[0].shape[0]
+    sd = rows.stat_dtype(buf.dtype)
+    X = buf.view(m, c_total)
+    dbuf = buffers.huge_empty(buf.shape, buf)
+    dbuf.copy_(grad)
+    dX = dbuf.view(m, c_total)
+    # Per-channel sums over training-mode consumers of gamma*rstd*mean(g) and
+    # gamma*rstd*mean(g*xhat): the two BN mean corrections, applied once per segment.
+    corr_a = X.new_zeros(c_total, dtype=sd)
+    corr_b = X.new_zeros(c_total, dtype=sd)
+    if batch_stats:
+        mean_all, rstd_all = saved.stats1[0], torch.rsqrt(saved.stats1[1] + eps)
+
+    def finalize(lo, hi, out):
+        """The finished gradient of buffer channels lo:hi into ``out``: dX plus the summed
+        BN corrections, dx -= a + xhat * b, xhat = (x - mean) * rstd, folded into one pass."""
+        if not batch_stats:
+            return out.copy_(dX[:, lo:hi])
+        coef = -corr_b[lo:hi] * rstd_all[lo:hi]
+        const = corr_b[lo:hi] * rstd_all[lo:hi] * mean_all[lo:hi] - corr_a[lo:hi]
+        return col_affine_add(X[:, lo:hi], coef, const, dX[:, lo:hi], out)
+
+    seg = X.new_empty(m, k)  # the finished gradient of the current layer's maps
+    chunk = rows.chunk_rows(X, m) if bottleneck else m
+    scratch = X.new_empty(chunk * (c0 + (num - 1) * k))
+    gscratch = X.new_empty(chunk * (c0 + (num - 1) * k))
+    if bottleneck:
+        inner = params[2].shape[0]
+        z2 = buffers.huge_empty((m, inner), X)
+    masks_per = spec.masks_per_layer(masks)
+    grads = []
+    for i in reversed(range(num)):
+        p = params[i * per:(i + 1) * per]
+        layer_masks = masks[i * masks_per:(i + 1) * masks_per]
+        c_in = c0 + i * k
+        mean1, rstd1, mean2, rstd2 = _layer_stats(i, c_in, saved.stats1, saved.stats2, running, spec)
+        # every consumer of layer i's maps is done: their gradient, contiguous for the conv
+        d_new = rows.nchw(finalize(c_in, c_in + k, seg), n, h, w)
+        if layer_masks:
+            d_new = d_new * layer_masks[-1] / (1 - drop_rate)
+        layer_grads = [None] * per
+        if bottleneck:
+            w2 = p[5]
+            y1 = saved.y1[i]
+            scale2 = p[3] * rstd2
+            shift2 = p[4] - mean2 * scale2
+            bn_relu(y1, scale2, shift2, z2)
+            pad = w2.shape[-1] // 2
+            dz2, dw2, _ = torch.ops.aten.convolution_backward(
+                d_new, rows.nchw(z2, n, h, w), w2, None, [1, 1], [pad, pad],
+                [1, 1], False, [0, 0], 1, [True, True, False])
+            dy1 = rows.rows(dz2)  # a view when dz2 is channels-last, else a copy
+            sum_g, sum_xg = bn_relu_grad(y1, dy1, scale2, shift2, mean2, tmp=z2).to(sd)
+            dg2 = sum_xg * rstd2
+            layer_grads[3:] = [dg2, sum_g, rows.like_param(dw2, w2)]
+            if batch_stats:
+                a2, b2 = sum_g / m, dg2 * rstd2 / m
+            else:
+                a2 = b2 = torch.zeros_like(sum_g)
+            # BN2's input gradient, dy1: with dropout here in full, else chunk by chunk below
+            # just before each chunk's products read it
+            apply2 = (scale2, shift2, mean2, a2, b2)
+            if layer_masks:
+                bn_grad_apply(y1, dy1, *apply2, out=dy1, tmp=z2)
+                dy1 = rows.rows(rows.nchw(dy1, n, h, w) * layer_masks[0] / (1 - drop_rate))
+                apply2 = None
+        else:
+            dy1, apply2 = d_new, None
+
+        w1 = p[2]
+        scale1 = p[0] * rstd1
+        shift1 = p[1] - mean1 * scale1
+        sums = torch.zeros(2, c_in, dtype=torch.float64, device=X.device)
+        if bottleneck:
+            w1_2d = w1.view(inner, c_in)
+            dw1 = None
+            for lo in range(0, m, chunk):  # row chunks: the scratch stays in cache
+                hi = min(lo + chunk, m)
+                z = scratch[: (hi - lo) * c_in].view(hi - lo, c_in)
+                if apply2 is not None:  # in place, z2 as scratch
+                    d = dy1[lo:hi]
+                    bn_grad_apply(y1[lo:hi], d, *apply2, out=d, tmp=z2[lo:hi])
+                g = torch.mm(dy1[lo:hi], w1_2d, out=gscratch[: (hi - lo) * c_in].view(hi - lo, c_in))
+                # one pass: ReLU mask, BN sums, dX += g' * scale and z = relu(bn(X)) for dW
+                bn_relu_grad(X[lo:hi, :c_in], g, scale1, shift1, mean1, dx=dX[lo:hi, :c_in],
+                             sums=sums, z=z)
+                dw1 = rows.weight_grad(dy1[lo:hi], z, w1, dw1)
+            dw1 = dw1.view_as(w1)
+        else:
+            Xi = X[:, :c_in]
+            z = bn_relu(Xi, scale1, shift1, scratch[: m * c_in].view(m, c_in))
+            pad = w1.shape[-1] // 2
+            dg, dw1, _ = torch.ops.aten.convolution_backward(
+                dy1, rows.nchw(z, n, h, w), w1, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1,
+                [True, True, False])
+            g = gscratch[: m * c_in].view(m, c_in)
+            g.copy_(rows.rows(dg))
+            bn_relu_grad(Xi, g, scale1, shift1, mean1, dx=dX[:, :c_in], sums=sums, tmp=z)
+        dbeta, sum_xg = sums.to(sd)
+        dgamma = sum_xg * rstd1  # a tensor of its own: no two gradients may share storage
+        layer_grads[:3] = [dgamma, dbeta, rows.like_param(dw1, w1)]
+        if batch_stats:
+            corr_a[:c_in].add_(scale1 * dbeta / m)
+            corr_b[:c_in].add_(scale1 * dgamma / m)
+        grads = layer_grads + grads
+    finalize(0, c0, dX[:, :c0])
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    dx = dbuf[..., :c0].permute(0, 3, 1, 2).contiguous(memory_format=fmt)
+    return [dx, *grads]
+
+
+def check_args(x, params, running, masks, spec: BlockSpec) -> None:
+    """The block op's tensors fit together (else a ValueError naming what does not)."""
+    per = spec.per_layer
+    if x.dim() != 4:
+        raise ValueError(f"densenet::dense_block: x must be (N, C, H, W), got shape {tuple(x.shape)}")
+    if not params or len(params) % per:
+        raise ValueError(f"densenet::dense_block: params must hold {per} tensors per layer, got {len(params)}")
+    if params[0].shape != (x.shape[1],):
+        raise ValueError(f"densenet::dense_block: the first layer's norm weight has {tuple(params[0].shape)} "
+                         f"elements, the input {x.shape[1]} channels")
+    num = len(params) // per
+    if not spec.batch_stats and len(running) != num * (per // 3) * 2:
+        raise ValueError(f"densenet::dense_block: running statistics must hold {num * (per // 3) * 2} "
+                         f"tensors without batch statistics, got {len(running)}")
+    if masks and len(masks) != num * (per // 3):
+        raise ValueError(f"densenet::dense_block: masks must be empty or hold {num * (per // 3)} tensors, "
+                         f"got {len(masks)}")
+    for t in (*params, *running, *masks):
+        if t.device != x.device:
+            raise ValueError(f"densenet::dense_block: all tensors must be on {x.device}, got one on {t.device}")

@@ -1,0 +1,224 @@
+"""The math of the functions around the dense blocks, each a BN-ReLU and what follows it, each
+saving only its input for backward (the BN-ReLU output is recomputed):
+
+* ``bn_relu``: the final BN-ReLU (norm5) and the ImageNet stem's BN-ReLU when its pooling is not
+  one the fused stem covers;
+* ``bn_relu_maxpool``: the ImageNet stem's BN-ReLU-max-pooling. Max pooling commutes with the
+  monotone ReLU, so with the fused kernel one pass over x gives the output: neither the BN-ReLU
+  output (4x the output's size) nor pooling indices are stored; backward finds each window's
+  maximum again from x;
+* ``bn_relu_conv``: a transition's BN-ReLU-Conv1x1 (with dropout after the convolution), row
+  chunk by row chunk, as the dense block's bottleneck runs;
+* ``bn_relu_pool_conv``: a transition without active dropout, avgpool(conv1x1(relu(bn(x)))) as
+  conv1x1(avgpool(relu(bn(x)))): a bias-free 1x1 convolution and average pooling are both
+  linear, one across channels, the other within each channel, so they commute, and pooling
+  first does a quarter of the convolution's work.
+
+Every function takes (x, gamma, beta, running, eps, batch_stats, ...): ``running`` is [running
+mean, running var] when ``batch_stats`` is False (else empty), and forwards return their batch
+statistics (2, C) so that the caller updates the module's running statistics, outside the op.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import buffers, rows
+from .elementwise import (bn_grad_apply, bn_relu, bn_relu_grad, bn_relu_maxpool,
+                          bn_relu_maxpool_grad, col_affine_add, col_stats)
+
+
+def terms(gamma, beta, stats, running, eps, batch_stats):
+    """(mean, rstd, scale, shift) a BN normalises with."""
+    if batch_stats:
+        mean, rstd = stats[0], torch.rsqrt(stats[1] + eps)
+    else:
+        mean, rstd = running[0], torch.rsqrt(running[1] + eps)
+    scale = gamma * rstd
+    return mean, rstd, scale, beta - mean * scale
+
+
+def batch_stats_of(X, eps, batch_stats):
+    """The (2, C) batch (mean, biased variance) of the rows X, or an empty tensor."""
+    sd = rows.stat_dtype(X.dtype)
+    if not batch_stats:
+        return X.new_empty(0, dtype=sd)
+    mean, var = col_stats(X, eps)
+    return torch.stack([mean.to(sd), var.to(sd)])
+
+
+def _grad_end(X, G, sums, mean, rstd, scale, shift, batch_stats, out, shape, fmt, tmp=None):
+    """From the gradient G at a BN-ReLU's output (or g', already masked) and the float64 sums of
+    g' and (x - mean) * g': out = BN's input gradient; returns [dx in the input's shape and
+    layout, dgamma, dbeta]."""
+    n, c, h, w = shape
+    m = n * h * w
+    sum_g, sum_xg = sums.to(rows.stat_dtype(X.dtype))
+    dgamma = sum_xg * rstd
+    if batch_stats:
+        a, b = sum_g / m, dgamma * rstd / m
+    else:
+        a = b = torch.zeros_like(sum_g)
+    dx = rows.nchw(bn_grad_apply(X, G, scale, shift, mean, a, b, out, tmp), n, h, w)
+    return [dx.contiguous(memory_format=fmt), dgamma, sum_g]
+
+
+def _input_grad(X, dX, sums, mean, rstd, scale, batch_stats, shape, fmt):
+    """From dX = g' * scale and the float64 sums of g' and (x - mean) * g', BN's two
+    batch-statistics corrections applied in place, dx -= scale * (mean(g') + xhat * mean(g' xhat));
+    returns [dx in the input's layout, dgamma, dbeta]."""
+    n, c, h, w = shape
+    m = n * h * w
+    dbeta, sum_xg = sums.to(rows.stat_dtype(X.dtype))
+    dgamma = sum_xg * rstd
+    if batch_stats:
+        b = scale * rstd * dgamma / m
+        col_affine_add(X, -b, b * mean - scale * dbeta / m, dX, dX)
+    return [rows.nchw(dX, n, h, w).contiguous(memory_format=fmt), dgamma, dbeta]
+
+
+# ----------------------------------------------------------------------------- relu(bn(x))
+
+def bn_relu_forward(x, gamma, beta, running, eps, batch_stats):
+    n, c, h, w = x.shape
+    X = rows.rows(x)
+    stats = batch_stats_of(X, eps, batch_stats)
+    _, _, scale, shift = terms(gamma, beta, stats, running, eps, batch_stats)
+    out = buffers.huge_empty((n * h * w, c), X)
+    bn_relu(X, scale, shift, out)
+    return rows.nchw(out, n, h, w).contiguous(memory_format=rows.layout(x)), stats
+
+
+def bn_relu_backward(grad, x, gamma, beta, stats, running, eps, batch_stats):
+    X = rows.rows(x)
+    mean, rstd, scale, shift = terms(gamma, beta, stats, running, eps, batch_stats)
+    dY = rows.rows(grad).clone()  # masked in place by some backends: never the caller's gradient
+    sums = bn_relu_grad(X, dY, scale, shift, mean)
+    return _grad_end(X, dY, sums, mean, rstd, scale, shift, batch_stats,
+                     buffers.huge_empty(X.shape, X), x.shape, rows.layout(x))
+
+
+# ----------------------------------------------------------------------------- maxpool(relu(bn(x)))
+
+def pooled_size(h: int, w: int, kernel, stride, padding):
+    return ((h + 2 * padding[0] - kernel[0]) // stride[0] + 1,
+            (w + 2 * padding[1] - kernel[1]) // stride[1] + 1)
+
+
+def bn_relu_maxpool_forward(x, gamma, beta, running, eps, batch_stats, kernel, stride, padding):
+    n, c, h, w = x.shape
+    X = rows.rows(x)
+    stats = batch_stats_of(X, eps, batch_stats)
+    _, _, scale, shift = terms(gamma, beta, stats, running, eps, batch_stats)
+    oh, ow = pooled_size(h, w, kernel, stride, padding)
+    out = bn_relu_maxpool(X.view(n, h, w, c), scale, shift, kernel, stride, padding,
+                          buffers.huge_empty((n, oh, ow, c), X))
+    return out.permute(0, 3, 1, 2).contiguous(memory_format=rows.layout(x)), stats
+
+
+def bn_relu_maxpool_backward(grad, x, gamma, beta, stats, running, eps, batch_stats, kernel, stride,
+                             padding):
+    n, c, h, w = x.shape
+    X = rows.rows(x)
+    mean, rstd, scale, shift = terms(gamma, beta, stats, running, eps, batch_stats)
+    G = buffers.huge_empty(X.shape, X)  # g', all of it written by the pass
+    sums = bn_relu_maxpool_grad(X.view(n, h, w, c), scale, shift, mean, kernel, stride, padding,
+                                grad.permute(0, 2, 3, 1).contiguous(), G.view(n, h, w, c))
+    return _grad_end(X, G, sums, mean, rstd, scale, shift, batch_stats, G, x.shape, rows.layout(x))
+
+
+# ----------------------------------------------------------------------------- conv1x1(relu(bn(x)))
+
+def bn_relu_conv_forward(x, gamma, beta, running, eps, batch_stats, weight):
+    """Neither the BN output nor the ReLU output is ever stored (backward recomputes them)."""
+    n, c, h, w = x.shape
+    m = n * h * w
+    X = rows.rows(x)  # a view of channels-last input
+    stats = batch_stats_of(X, eps, batch_stats)
+    _, _, scale, shift = terms(gamma, beta, stats, running, eps, batch_stats)
+    Y = buffers.huge_empty((m, weight.shape[0]), X)
+    chunk = rows.chunk_rows(X, m)
+    scratch = X.new_empty(chunk * c)
+    for lo in range(0, m, chunk):
+        hi = min(lo + chunk, m)
+        z = bn_relu(X[lo:hi], scale, shift, scratch[: (hi - lo) * c].view(hi - lo, c))
+        rows.product(z, weight, Y[lo:hi])
+    return rows.nchw(Y, n, h, w).contiguous(memory_format=rows.layout(x)), stats
+
+
+def bn_relu_conv_backward(grad, x, gamma, beta, stats, running, eps, batch_stats, weight):
+    n, c, h, w = x.shape
+    m = n * h * w
+    X = rows.rows(x)
+    mean, rstd, scale, shift = terms(gamma, beta, stats, running, eps, batch_stats)
+    w2d = weight.view(weight.shape[0], c)
+    dY = rows.rows(grad)
+    dX = buffers.huge_empty(X.shape, X)  # written (not added to) by the first pass
+    dw = None
+    sums = torch.zeros(2, c, dtype=torch.float64, device=X.device)
+    chunk = rows.chunk_rows(X, m)
+    scratch = X.new_empty(chunk * c)
+    gscratch = X.new_empty(chunk * c)
+    for lo in range(0, m, chunk):
+        hi = min(lo + chunk, m)
+        z = scratch[: (hi - lo) * c].view(hi - lo, c)
+        g = torch.mm(dY[lo:hi], w2d, out=gscratch[: (hi - lo) * c].view(hi - lo, c))
+        bn_relu_grad(X[lo:hi], g, scale, shift, mean, dx=dX[lo:hi], sums=sums, z=z, assign=True)
+        dw = rows.weight_grad(dY[lo:hi], z, weight, dw)
+    dx, dgamma, dbeta = _input_grad(X, dX, sums, mean, rstd, scale, batch_stats, x.shape, rows.layout(x))
+    return [dx, dgamma, dbeta, rows.like_param(dw.view_as(weight), weight)]
+
+
+# ----------------------------------------------------------------------------- conv1x1(avgpool(relu(bn(x))))
+
+def _image_chunks(n: int, h: int, w: int, t: torch.Tensor):
+    """Chunks of whole images (for the pooling) of at most ``chunk_rows`` rows, or one image:
+    a list of (first image, end image)."""
+    per = max(1, rows.chunk_rows(t, n * h * w) // (h * w))
+    return [(i, min(i + per, n)) for i in range(0, n, per)]
+
+
+def bn_relu_pool_conv_forward(x, gamma, beta, running, eps, batch_stats, weight, kernel, stride,
+                              padding, ceil_mode, count_include_pad):
+    """BN-ReLU and the pooling run a chunk of whole images at a time (recomputed in backward)."""
+    n, c, h, w = x.shape
+    X = rows.rows(x)
+    stats = batch_stats_of(X, eps, batch_stats)
+    _, _, scale, shift = terms(gamma, beta, stats, running, eps, batch_stats)
+    chunks = _image_chunks(n, h, w, X)
+    scratch = X.new_empty((chunks[0][1] - chunks[0][0]) * h * w * c)
+    outs = []
+    for i0, i1 in chunks:
+        lo, hi = i0 * h * w, i1 * h * w
+        z = bn_relu(X[lo:hi], scale, shift, scratch[: (hi - lo) * c].view(hi - lo, c))
+        pooled = F.avg_pool2d(rows.nchw(z, i1 - i0, h, w), kernel, stride, padding, ceil_mode,
+                              count_include_pad)
+        outs.append(F.conv2d(pooled, weight))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out.contiguous(memory_format=rows.layout(x)), stats
+
+
+def bn_relu_pool_conv_backward(grad, x, gamma, beta, stats, running, eps, batch_stats, weight, kernel,
+                               stride, padding, ceil_mode, count_include_pad):
+    n, c, h, w = x.shape
+    X = rows.rows(x)
+    mean, rstd, scale, shift = terms(gamma, beta, stats, running, eps, batch_stats)
+    pool_args = (kernel, stride, padding, ceil_mode, count_include_pad, None)
+    dX = buffers.huge_empty(X.shape, X)  # written (not added to), chunk by chunk
+    dw = None
+    sums = torch.zeros(2, c, dtype=torch.float64, device=X.device)
+    chunks = _image_chunks(n, h, w, X)
+    scratch = X.new_empty((chunks[0][1] - chunks[0][0]) * h * w * c)
+    for i0, i1 in chunks:
+        lo, hi = i0 * h * w, i1 * h * w
+        z = bn_relu(X[lo:hi], scale, shift, scratch[: (hi - lo) * c].view(hi - lo, c))
+        zimg = rows.nchw(z, i1 - i0, h, w)
+        dzp, dwc, _ = torch.ops.aten.convolution_backward(
+            grad[i0:i1], F.avg_pool2d(zimg, *pool_args[:5]), weight, None, [1, 1], [0, 0], [1, 1], False,
+            [0, 0], 1, [True, True, False])
+        dw = dwc if dw is None else dw.add_(dwc)
+        g = rows.rows(torch.ops.aten.avg_pool2d_backward(dzp, zimg, *pool_args))  # a new tensor
+        bn_relu_grad(X[lo:hi], g, scale, shift, mean, dx=dX[lo:hi], sums=sums, assign=True, tmp=z)
+    dx, dgamma, dbeta = _input_grad(X, dX, sums, mean, rstd, scale, batch_stats, x.shape, rows.layout(x))
+    return [dx, dgamma, dbeta, rows.like_param(dw, weight)]
