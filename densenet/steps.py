@@ -1,4 +1,10 @@
-"""The whole training step - forward, loss, backward and the SGD update - as one CUDA graph.
+"""Training steps behind one interface, and the whole step as one CUDA graph.
+
+A step is called with a batch ``(x, y)`` on the training device, does forward, loss, backward
+and the optimizer update, and returns the loss and the number of wrong predictions as device
+tensors (:class:`Step`). It reads nothing back to the host, so the training loop decides when
+to wait for the device. :class:`EagerStep` is the ordinary step (also compiled or under DDP);
+:class:`GraphedStep` is the same step captured as one CUDA graph (``--cuda-graph``).
 
 A DenseNet-BC step on small images launches a few thousand kernels, each too short to hide the
 launch cost, so on a fast GPU the step is bound by the host, not by the GPU's arithmetic.
@@ -16,11 +22,50 @@ checkpoint's optimizer state is therefore the ordinary ``torch.optim.SGD`` state
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 
 from .devices import autocast
 from .errors import UsageError
+
+
+class Step(Protocol):
+    """One training step: ``step(x, y) -> (loss, wrong)``, both 0-d tensors on the device (the
+    batch's mean loss and its number of wrong top-1 predictions); ``set_lr()`` after the
+    optimizer's group rates changed."""
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def set_lr(self) -> None: ...
+
+
+class EagerStep:
+    """The ordinary step: forward (under bf16 autocast if asked), cross-entropy, backward, the
+    optimizer's update. Full batches go through ``model`` (compiled, or wrapped in DDP); a batch
+    of another size (the epoch's smaller last one) through ``eager_model``, the same module
+    uncompiled, so ``torch.compile`` never compiles it again for that shape."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 device: torch.device, batch_size: int, amp: str | None = None,
+                 label_smoothing: float = 0.0, eager_model: torch.nn.Module | None = None):
+        self.model, self.optimizer, self.device, self.amp = model, optimizer, device, amp
+        self.eager_model = model if eager_model is None else eager_model
+        self.batch_size, self.label_smoothing = batch_size, label_smoothing
+
+    def set_lr(self) -> None:
+        """Nothing to do: the optimizer reads its groups' rates at every step."""
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.model if x.shape[0] == self.batch_size else self.eager_model
+        with autocast(self.device, self.amp):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach(), (logits.argmax(1) != y).sum()
 
 
 @torch.no_grad()
