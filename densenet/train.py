@@ -12,15 +12,14 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from . import data as data_mod
-from .devices import autocast, resolve_device
+from .devices import resolve_device
 from .distributed import (World, all_reduce_sum, barrier, convert_sync_batchnorm,
                           gather_objects, init_from_env)
 from .errors import UsageError
@@ -31,14 +30,23 @@ from .recipes import RECIPE_FIELDS, Recipe, get_recipe, override
 from .rundir import (atomic_write_json, load_checkpoint, remove_stale_temporaries,
                      save_checkpoint, write_metrics)
 from .sample import load_cifar10_sample
-from .steps import GraphedStep, check_graphable
+from .steps import EagerStep, GraphedStep, Step, check_graphable
+from .tracking import LOGS, Logs, check_installed, open_logs, parse_logs
 from .weights import load_pretrained, read_pretrained
 
-RUN_FIELDS = ("model", "recipe", "data", "out", "weights", "freeze", "new_head", "download", "seed", "device",
-              "amp", "channels_last", "compile", "cuda_graph", "sync_bn", "implementation", "max_steps",
-              "workers", "quiet")
 FREEZE = ("features",)
-SYNC_EVERY = 50  # --cuda-graph: steps between reads of the summed loss (host synchronisations)
+READ_EVERY = 50  # steps between host reads of the losses: each read waits for the device
+
+
+def _option(default=None, *, on_resume: str = "fixed", factory=None):
+    """A run field. ``on_resume`` says what ``--resume`` does with it: "fixed" (the run keeps
+    its own value; giving it is an error), "kept" (the run's value unless given anew) or
+    "anew" (belongs to one invocation: given, or the default). The command line's flag is
+    ``--`` + the name with dashes."""
+    meta = {"on_resume": on_resume}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -46,27 +54,29 @@ class TrainConfig:
     """Everything that defines a run: the recipe's fields plus where and how it runs."""
     recipe: Recipe
     model: str
-    data: str | None = None
-    out: str | None = None
-    weights: str | None = None      # start from these weights (torchvision, timm, ours, a run)
-    freeze: str | None = None       # "features": train the classifier only
-    new_head: bool = False          # replace the classifier of --weights even if it fits
-    download: bool = False
-    seed: int = 0
-    device: str = "auto"
-    amp: str | None = None
-    channels_last: bool = False
-    compile: bool = False
-    cuda_graph: bool = False        # the whole step (forward, backward, SGD) as one CUDA graph
-    sync_bn: bool = False           # SyncBatchNorm over all processes (DDP)
-    implementation: str = "efficient"  # dense-block path; "reference" is the plain one
-    max_steps: int | None = None
-    workers: int = 4
-    quiet: bool = False
+    data: str | None = _option()
+    out: str | None = _option()
+    weights: str | None = _option()   # start from these weights (torchvision, timm, ours, a run)
+    freeze: str | None = _option()    # "features": train the classifier only
+    new_head: bool = _option(False)   # replace the classifier of --weights even if it fits
+    download: bool = _option(False, on_resume="kept")  # fetch the data again if it is gone
+    seed: int = _option(0)
+    device: str = _option("auto", on_resume="kept")
+    amp: str | None = _option()
+    channels_last: bool = _option(False)
+    compile: bool = _option(False)
+    cuda_graph: bool = _option(False)  # the whole step (forward, backward, SGD) as one CUDA graph
+    sync_bn: bool = _option(False, on_resume="kept")  # SyncBatchNorm over all processes (DDP)
+    implementation: str = _option("efficient")  # dense-block path; "reference" is the plain one
+    max_steps: int | None = _option(on_resume="anew")
+    workers: int = _option(4, on_resume="kept")
+    quiet: bool = _option(False, on_resume="anew")
+    log: tuple[str, ...] = _option(factory=tuple)  # training logs: "tensorboard", "mlflow"
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in RUN_FIELDS}
         d["recipe"] = self.recipe.name
+        d["log"] = list(self.log)
         d.update({k: v for k, v in self.recipe.to_dict().items() if k not in ("name", "model")})
         d["lr_milestones"] = list(self.recipe.lr_milestones)
         d["lr_milestone_epochs"] = self.recipe.milestone_epochs()
@@ -88,6 +98,17 @@ class TrainConfig:
                            set_fields=recipe_fields, **run_fields)
 
 
+# Derived from the fields, so the API and the command line cannot disagree about them.
+RUN_FIELDS = tuple(f.name for f in fields(TrainConfig))
+ON_RESUME = {f.name: f.metadata.get("on_resume", "fixed") for f in fields(TrainConfig)}
+RESUMABLE = tuple(name for name, rule in ON_RESUME.items() if rule != "fixed")
+
+
+def option_flag(name: str) -> str:
+    """The command-line flag of a run field or recipe field."""
+    return "--" + name.replace("_", "-")
+
+
 def make_config(model: str | None = None, recipe: str = "quickstart", data: str | None = None,
                 out: str | None = None, *, set_fields: dict | None = None, **kwargs) -> TrainConfig:
     """Resolve a recipe plus overrides into a validated :class:`TrainConfig`."""
@@ -98,6 +119,8 @@ def make_config(model: str | None = None, recipe: str = "quickstart", data: str 
     unknown = set(kwargs) - set(RUN_FIELDS)
     if unknown:
         raise UsageError(f"unknown training option(s): {', '.join(sorted(unknown))}.")
+    if "log" in kwargs:
+        kwargs["log"] = parse_logs(kwargs["log"])
     cfg = TrainConfig(recipe=r, model=model or r.model, data=data, out=out, **kwargs)
     _validate_run_fields(cfg)
     model_info(cfg.model)  # unknown model -> clear error before any work
@@ -124,6 +147,8 @@ def _validate_run_fields(cfg: TrainConfig) -> None:
         ("workers", is_int(cfg.workers) and cfg.workers >= 0, "an integer >= 0"),
         ("implementation", cfg.implementation in ("efficient", "reference"),
          "efficient or reference"),
+        ("log", isinstance(cfg.log, tuple) and all(n in LOGS for n in cfg.log),
+         " and/or ".join(LOGS)),
     ] + [(name, isinstance(getattr(cfg, name), bool), "true or false")
          for name in ("new_head", "download", "channels_last", "compile", "cuda_graph", "sync_bn",
                      "quiet")]
@@ -245,24 +270,30 @@ class _Splits:
 
 # ----------------------------------------------------------------------------- entry points
 
-def train(model: str | None = None, recipe: str = "quickstart", data: str | None = None,
+def train(model: str | None = None, recipe: str | None = None, data: str | None = None,
           out: str | None = None, *, resume: str | None = None, set_fields: dict | None = None,
           **options) -> dict:
     """Train a DenseNet; returns the result dict also written to ``RUN_DIR/result.json``.
 
-    ``options`` are the run fields of :class:`TrainConfig` and any recipe field (``epochs``,
-    ``batch_size``, ``lr``, ...); ``set_fields`` overrides recipe fields from strings. With
-    ``resume=RUN_DIR`` the run continues from ``RUN_DIR/last.pt`` with its own config
-    (``max_steps``, ``quiet``, ``device``, ``workers`` and ``sync_bn`` may be given anew).
+    ``recipe`` defaults to the quickstart. ``options`` are the run fields of
+    :class:`TrainConfig` and any recipe field (``epochs``, ``batch_size``, ``lr``, ...);
+    ``set_fields`` overrides recipe fields from strings. With ``resume=RUN_DIR`` the run
+    continues from ``RUN_DIR/last.pt`` with its own config; only the fields in ``RESUMABLE``
+    may be given then (``max_steps`` and ``quiet`` for this invocation, ``device``,
+    ``workers``, ``sync_bn`` and ``download`` in place of the run's).
     """
     if resume is not None:
-        return _resume(resume, **options)
+        given = {"model": model, "recipe": recipe, "data": data, "out": out}
+        fixed = {k: v for k, v in given.items() if v is not None}
+        return _resume(resume, **fixed, **({"set": set_fields} if set_fields else {}), **options)
+    recipe = recipe or "quickstart"
     if isinstance(options.get("weights"), str):
         # read before a run directory exists, so an unreadable file leaves nothing behind; a
         # checkpoint names its architecture
         named = read_pretrained(options["weights"])[2]
         model = model or named
     cfg = make_config(model, recipe, data, out, set_fields=set_fields, **options)
+    check_installed(cfg.log)
     ds = _load_data(cfg)  # data errors before a run directory is created
     world = init_from_env(cfg.device)
     if cfg.cuda_graph:  # before a run directory exists
@@ -272,13 +303,15 @@ def train(model: str | None = None, recipe: str = "quickstart", data: str | None
                          "they all write to the same run directory.")
     run_dir = _prepare_run_dir(cfg) if world.is_main else Path(cfg.out)
     barrier()
-    return _Run(cfg, run_dir, ds, world).fit(state=None)
-
-
-RESUMABLE = ("max_steps", "quiet", "device", "workers", "sync_bn")
+    return _Run(cfg, run_dir, ds, world).fit(None, resumed=False)
 
 
 def _resume(run_dir: str, **options) -> dict:
+    fixed = [k for k in options if ON_RESUME.get(k, "fixed") == "fixed"]
+    if fixed:
+        raise UsageError(f"{', '.join(option_flag(k) for k in fixed)} cannot change on --resume "
+                         f"(the run keeps its own config); only "
+                         f"{', '.join(option_flag(k) for k in RESUMABLE)} can be given anew.")
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise UsageError(f"--resume {run_dir}: no config.json there; give the directory of a "
@@ -289,24 +322,23 @@ def _resume(run_dir: str, **options) -> dict:
         raise UsageError(f"--resume {run_dir}: its config.json is not a valid run config "
                          f"({e}). Start a new run instead.") from None
     cfg.out = str(run_dir)
+    given = {k: v for k, v in options.items() if v is not None}
+    defaults = TrainConfig(recipe=cfg.recipe, model=cfg.model)
+    for k in RESUMABLE:
+        if k in given:
+            setattr(cfg, k, given[k])
+        elif ON_RESUME[k] == "anew":  # a step limit and quietness belong to one invocation
+            setattr(cfg, k, getattr(defaults, k))
+    _validate_run_fields(cfg)
+    check_installed(cfg.log)
     remove_stale_temporaries(run_dir)  # left by a kill in the middle of a write
-    for k in options:
-        if k not in RESUMABLE:
-            raise UsageError(f"{k} cannot change on resume (the run keeps its own config); "
-                             f"only {', '.join(sorted(RESUMABLE))} can.")
-    # a step limit and quietness belong to one invocation, not to the run
-    cfg.max_steps = options.get("max_steps")
-    cfg.quiet = bool(options.get("quiet", False))
-    for k in ("device", "workers", "sync_bn"):
-        if options.get(k) is not None:
-            setattr(cfg, k, options[k])
     # a run killed before its first checkpoint starts again from scratch
-    state = load_checkpoint(run_dir / "last.pt") if (run_dir / "last.pt").is_file() else None
+    checkpoint = load_checkpoint(run_dir / "last.pt") if (run_dir / "last.pt").is_file() else None
     ds = _load_data(cfg)
     world = init_from_env(cfg.device)
     if cfg.cuda_graph and (_device_for(cfg, world).type != "cuda" or world.size > 1):
         cfg.cuda_graph = False  # the same steps, uncaptured, where a graph cannot run
-    return _Run(cfg, run_dir, ds, world).fit(state)
+    return _Run(cfg, run_dir, ds, world).fit(checkpoint, resumed=True)
 
 
 def check_divisible(batch_size: int, processes: int) -> None:
@@ -315,11 +347,50 @@ def check_divisible(batch_size: int, processes: int) -> None:
                          f"processes; use a batch size that is a multiple of {processes}.")
 
 
+# ----------------------------------------------------------------------------- the state
+
+@dataclass
+class TrainState:
+    """Where training stands: the part of a checkpoint that ``--resume`` continues from (the
+    rest is the model: its name, weights, classes and preprocessing). Written to a checkpoint
+    by :meth:`to_dict` alone and read back by :meth:`from_dict` alone."""
+    epoch: int = 0                  # epochs completed
+    step: int = 0                   # optimizer steps done
+    step_in_epoch: int = 0          # of the epoch under way (a --max-steps stop in its middle)
+    history: list[dict] = field(default_factory=list)  # metrics.jsonl's rows
+    best: dict = field(default_factory=lambda: {"val_error": None, "epoch": None})
+    pretrained: dict | None = None  # {"weights": path, "new_head": bool} with --weights
+    optimizer: dict | None = None   # the optimizer's state_dict()
+    rng: list[dict] | None = None   # every process's random state, in rank order
+
+    KEYS = ("epoch", "step", "step_in_epoch", "history", "best", "pretrained", "optimizer", "rng")
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.KEYS}
+
+    @classmethod
+    def from_dict(cls, payload: dict, where: str = "the checkpoint") -> "TrainState":
+        """The state in a checkpoint's payload, this format's or an earlier one's (the first
+        kept one process's random state as a dict, and no ``pretrained``)."""
+        missing = [k for k in ("epoch", "step", "history", "optimizer", "rng") if k not in payload]
+        if missing:
+            raise UsageError(f"{where} holds no training state ({', '.join(missing)} missing): "
+                             f"it is not a checkpoint that 'densenet train' wrote. Start a new "
+                             f"run instead.")
+        rng = payload["rng"]
+        return cls(epoch=payload["epoch"], step=payload["step"],
+                   step_in_epoch=payload.get("step_in_epoch", 0),
+                   history=list(payload["history"]),
+                   best=dict(payload.get("best") or {"val_error": None, "epoch": None}),
+                   pretrained=payload.get("pretrained"), optimizer=payload["optimizer"],
+                   rng=[rng] if isinstance(rng, dict) else list(rng))
+
+
 # ----------------------------------------------------------------------------- the run
 
 class _Run:
-    """One process's part of a training run: model, optimizer, data, run directory, and the
-    state that a checkpoint carries (epoch, step, history, best validation error)."""
+    """One process's part of a training run: model, optimizer, data, run directory, the
+    training state (:class:`TrainState`) and the logs."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, ds, world: World):
         self.start_time = time.time()
@@ -334,48 +405,58 @@ class _Run:
         self.net = _build_model(cfg, self.overrides, self.device, world)
         self.params = count_parameters(self.net)
         self.optimizer = None  # made once the weights are in (which parts are pretrained)
-        self.graphed = None  # the captured step with --cuda-graph
-        self.pretrained = None  # {"weights": path, "new_head": bool} when started from weights
-        self.history: list[dict] = []
-        self.best = {"val_error": None, "epoch": None}
-        self.epoch0, self.step, self.step_in_epoch = 0, 0, 0
+        self.state = TrainState()
+        self.logs = Logs()
 
-    def fit(self, state: dict | None) -> dict:
-        """Train from the start (``state`` None) or from a checkpoint's state to the last epoch
-        or ``max_steps``; returns the result (empty on processes other than the first)."""
-        if state is None:
+    def fit(self, checkpoint: dict | None, resumed: bool) -> dict:
+        """Train from the start (``checkpoint`` None) or from a checkpoint to the last epoch or
+        ``max_steps``; returns the result (empty on processes other than the first)."""
+        if checkpoint is None:
             self._start()
         else:
-            self._restore(state)
-        model, eager_model = self._models_for_steps()
-        if self.cfg.cuda_graph:
-            self.graphed = GraphedStep(model, self.optimizer, self.device, self.recipe.batch_size,
-                                       amp=self.cfg.amp,
-                                       label_smoothing=self.recipe.label_smoothing)
+            self._restore(checkpoint)
+        if self.world.is_main:
+            self.logs = open_logs(self.cfg.log, self.run_dir, self._config_record(),
+                                  self.state.step if resumed else None)
+        try:
+            result, complete = self._epochs()
+        except BaseException as e:
+            self.logs.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
+        self.logs.close("FINISHED" if complete else "KILLED")
+        return result
+
+    def _epochs(self) -> tuple[dict, bool]:
         train_loader = self.splits.loader(self.splits.train, train=True)
         val_loader = self.splits.loader(self.splits.val, train=False) if self.splits.val is not None else None
-        stopped = False
-        for epoch in range(self.epoch0, self.recipe.epochs):
-            row, stopped = self._train_epoch(model, eager_model, train_loader, epoch)
+        step = self._make_step(train_loader.batch_size)
+        max_steps, stopped = self.cfg.max_steps, False
+        for epoch in range(self.state.epoch, self.recipe.epochs):
+            row, stopped = self._train_epoch(step, train_loader, epoch)
             if stopped:  # --max-steps in the middle of the epoch
-                self._checkpoint(("last.pt",), epoch, self.step_in_epoch)
-                self.log.info(f"stopped after --max-steps {self.cfg.max_steps} (epoch {epoch + 1}, "
-                              f"step {self.step_in_epoch}/{len(train_loader)}); continue with "
-                              f"--resume {self.run_dir}")
+                self._checkpoint(("last.pt",))
+                self.log.info(f"stopped after --max-steps {max_steps} (epoch {epoch + 1}, "
+                              f"step {self.state.step_in_epoch}/{len(train_loader)}); continue "
+                              f"with --resume {self.run_dir}")
                 break
             row.update(self._validate(val_loader))
             self._end_epoch(row, has_validation=val_loader is not None)
-            if self.cfg.max_steps is not None and self.step >= self.cfg.max_steps:
+            if max_steps is not None and self.state.step >= max_steps:
                 stopped = epoch + 1 < self.recipe.epochs
                 if stopped:
-                    self.log.info(f"stopped after --max-steps {self.cfg.max_steps}; continue with "
+                    self.log.info(f"stopped after --max-steps {max_steps}; continue with "
                                   f"--resume {self.run_dir}")
                 break
         if not self.world.is_main:
-            return {}
-        return self._finish(complete=not stopped)
+            return {}, not stopped
+        return self._finish(complete=not stopped), not stopped
 
     # --------------------------------------------------------------------- start and restore
+
+    def _config_record(self) -> dict:
+        """config.json's content: the config and what the data made of the model."""
+        return {**self.cfg.to_dict(), "model_overrides": self.overrides,
+                "num_classes": len(self.ds.classes), "data_name": self.ds.name}
 
     def _start(self) -> None:
         cfg, splits = self.cfg, self.splits
@@ -383,12 +464,10 @@ class _Run:
         if cfg.weights is not None:
             new_head, pretrained_line = load_pretrained(self.net, cfg.weights, list(self.ds.classes),
                                                         new_head=cfg.new_head)
-            self.pretrained = {"weights": str(cfg.weights), "new_head": new_head}
+            self.state.pretrained = {"weights": str(cfg.weights), "new_head": new_head}
         self._make_optimizer()
         if self.world.is_main:
-            atomic_write_json(self.run_dir / "config.json",
-                              {**cfg.to_dict(), "model_overrides": self.overrides,
-                               "num_classes": len(self.ds.classes), "data_name": self.ds.name})
+            atomic_write_json(self.run_dir / "config.json", self._config_record())
             if splits.split_record is not None:
                 atomic_write_json(self.run_dir / "split.json", splits.split_record)
         self.log.info(f"run {self.run_dir}: {cfg.model} ({self.params:,} parameters), recipe "
@@ -403,35 +482,32 @@ class _Run:
             self.log.info(f"{splits.image_size}-pixel images upscaled to {self.recipe.input_size} "
                           f"for {cfg.model} (an ImageNet-stem model)")
 
-    def _restore(self, state: dict) -> None:
-        self.net.load_state_dict(state["state_dict"])
-        self.pretrained = state.get("pretrained")
+    def _restore(self, checkpoint: dict) -> None:
+        state = TrainState.from_dict(checkpoint, str(self.run_dir / "last.pt"))
+        self.net.load_state_dict(checkpoint["state_dict"])
+        self.state = replace(state, optimizer=None, rng=None)  # both live in their owners
         self._make_optimizer()
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.epoch0, self.step, self.step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
-        self.history = list(state["history"])
-        self.best = dict(state["best"])
-        rng = state["rng"]
-        if len(rng) == self.world.size:  # same number of processes: each continues its own stream
-            _set_rng_state(rng[self.world.rank], self.device)
+        self.optimizer.load_state_dict(state.optimizer)
+        if len(state.rng) == self.world.size:  # same number of processes: each continues its own stream
+            _set_rng_state(state.rng[self.world.rank], self.device)
         else:
-            torch.manual_seed(self.cfg.seed + 7919 * self.step + self.world.rank)
+            torch.manual_seed(self.cfg.seed + 7919 * state.step + self.world.rank)
         if self.world.is_main:
-            write_metrics(self.run_dir, self.history)  # drop any line written after that checkpoint
-        self.log.info(f"resumed {self.run_dir} at epoch {self.epoch0 + 1}, step {self.step}")
+            write_metrics(self.run_dir, state.history)  # drop any line written after that checkpoint
+        self.log.info(f"resumed {self.run_dir} at epoch {state.epoch + 1}, step {state.step}")
 
     def _make_optimizer(self) -> None:
         """SGD (Nesterov) or AdamW over two groups: the network body and the classifier. With
         --weights the pretrained tensors learn at ``pretrained_lr_scale`` x lr and a new head at
         lr; with --freeze features only the classifier learns."""
-        r, net = self.recipe, self.net
+        r, net, pretrained = self.recipe, self.net, self.state.pretrained
         if self.cfg.freeze == "features":
             net.features.requires_grad_(False)
         head = [p for p in net.classifier.parameters() if p.requires_grad]
         head_ids = {id(p) for p in head}
         body = [p for p in net.parameters() if id(p) not in head_ids and p.requires_grad]
-        scale = r.pretrained_lr_scale if self.pretrained is not None else 1.0
-        new_head = self.pretrained is None or self.pretrained["new_head"]
+        scale = r.pretrained_lr_scale if pretrained is not None else 1.0
+        new_head = pretrained is None or pretrained["new_head"]
         groups = [{"params": body, "lr_scale": scale},
                   {"params": head, "lr_scale": 1.0 if new_head else scale}]
         groups = [g for g in groups if g["params"]]
@@ -441,124 +517,96 @@ class _Run:
             self.optimizer = torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum,
                                              nesterov=r.nesterov, weight_decay=r.weight_decay)
 
-    def _models_for_steps(self) -> tuple[torch.nn.Module, torch.nn.Module]:
-        """The model full batches go through (wrapped in DDP for several processes, compiled if
-        asked) and the one for a smaller last batch: the same without compilation, so that
-        batch is not compiled again for its shape."""
+    def _make_step(self, batch_size: int) -> Step:
+        """The step: captured with --cuda-graph; else eager, full batches through the model
+        wrapped in DDP for several processes and compiled if asked, a smaller last batch
+        through the same without compilation, so that batch is not compiled again."""
+        cfg, r = self.cfg, self.recipe
         model = self.net
         if self.world.size > 1:
             model = DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if self.cfg.compile:
-            return torch.compile(model), model
-        return model, model
+        if cfg.cuda_graph:
+            return GraphedStep(model, self.optimizer, self.device, batch_size, amp=cfg.amp,
+                               label_smoothing=r.label_smoothing)
+        return EagerStep(torch.compile(model) if cfg.compile else model, self.optimizer,
+                         self.device, batch_size, amp=cfg.amp, label_smoothing=r.label_smoothing,
+                         eager_model=model)
 
     # --------------------------------------------------------------------- one epoch
 
-    def _train_epoch(self, model, eager_model, loader, epoch: int) -> tuple[dict, bool]:
+    def _train_epoch(self, step: Step, loader, epoch: int) -> tuple[dict, bool]:
         """SGD steps over one epoch (from ``step_in_epoch`` on when resuming mid-epoch); returns
-        the epoch's training numbers and whether ``max_steps`` stopped it before its end."""
-        cfg, device = self.cfg, self.device
+        the epoch's training numbers and whether ``max_steps`` stopped it before its end.
+
+        The steps' losses and wrong counts stay on the device and are read back together every
+        ``READ_EVERY`` steps and at the end (:meth:`_read`), so the host runs ahead of the
+        device in between; every loss of the epoch is checked before any checkpoint of it."""
+        cfg, device, state = self.cfg, self.device, self.state
         lr = learning_rate(self.recipe, epoch)
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g["lr_scale"]
+        step.set_lr()
         loader.set_epoch(epoch)
-        if self.graphed is not None:
-            self.graphed.set_lr()
-            return self._graphed_epoch(loader, epoch, lr)
         self.net.train()
         if cfg.freeze == "features":
             # frozen features also keep their BatchNorm statistics: evaluation mode, no
             # gradients, so the efficient ops save nothing for backward
             self.net.features.eval()
-        t0 = time.time()
-        seen, loss_sum, wrong = 0, 0.0, 0
-        progress = _Progress(len(loader), f"epoch {epoch + 1}/{self.recipe.epochs}",
+        unread = _Unread(READ_EVERY, device)
+        totals = {"seen": 0, "loss": 0.0, "wrong": 0}
+        progress = _Progress(len(loader), state.step_in_epoch, epoch + 1, self.recipe.epochs,
                              cfg.quiet or not self.world.is_main)
+        t0 = time.time()
         stopped = False
         for i, (x, y) in enumerate(loader):
-            if i < self.step_in_epoch:  # resuming mid-epoch: same batches, already trained on
-                progress.update(1)
+            if i < state.step_in_epoch:  # resuming mid-epoch: same batches, already trained on
                 continue
             if x.device != device:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(device, cfg.amp):
-                logits = (model if x.shape[0] == loader.batch_size else eager_model)(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=self.recipe.label_smoothing)
-            if not torch.isfinite(loss):
-                self._stop_non_finite(epoch + 1, loss.item())
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.step += 1
-            self.step_in_epoch = i + 1
-            seen += y.numel()
-            loss_sum += loss.item() * y.numel()
-            wrong += (logits.argmax(1) != y).sum().item()
-            progress.update(1, loss=loss_sum / seen, err=100 * wrong / seen,
-                            ips=self.world.size * seen / max(time.time() - t0, 1e-9))
-            if cfg.max_steps is not None and self.step >= cfg.max_steps:
-                stopped = self.step_in_epoch < len(loader)
+            loss, wrong = step(x, y)
+            state.step += 1
+            state.step_in_epoch = i + 1
+            unread.add(loss, wrong, y.shape[0], state.step)
+            progress.step()
+            if cfg.max_steps is not None and state.step >= cfg.max_steps:
+                stopped = state.step_in_epoch < len(loader)
                 break
+            if unread.full:
+                self._read(unread, totals, epoch, lr, progress, t0)
+        self._read(unread, totals, epoch, lr, progress, t0, last=True)
         progress.close()
         seconds = time.time() - t0
         if stopped:
             return {}, True
-        seen, loss_sum, wrong = all_reduce_sum([seen, loss_sum, wrong], device)
+        seen, loss_sum, wrong = all_reduce_sum([totals["seen"], totals["loss"], totals["wrong"]],
+                                               device)
         return {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
                 "train_error": wrong / max(seen, 1), "lr": lr,
                 "images_per_s": seen / max(seconds, 1e-9), "seconds": seconds}, False
 
-    def _graphed_epoch(self, loader, epoch: int, lr: float) -> tuple[dict, bool]:
-        """The epoch's steps through the captured step: losses and errors summed on the GPU and
-        read (and checked for a non-finite loss) every ``SYNC_EVERY`` steps and at the end, so
-        the host runs ahead of the GPU in between."""
-        cfg, device = self.cfg, self.device
-        self.net.train()
-        if cfg.freeze == "features":
-            self.net.features.eval()
-        t0 = time.time()
-        seen = 0
-        loss_acc = torch.zeros((), device=device)
-        wrong_acc = torch.zeros((), dtype=torch.long, device=device)
-        progress = _Progress(len(loader), f"epoch {epoch + 1}/{self.recipe.epochs}", cfg.quiet)
-        stopped, unread = False, 0
-
-        def read():
-            loss_sum, wrong = loss_acc.item(), wrong_acc.item()
-            if not math.isfinite(loss_sum):
-                self._stop_non_finite(epoch + 1, loss_sum, by=True)
-            progress.update(unread, loss=loss_sum / max(seen, 1), err=100 * wrong / max(seen, 1),
-                            ips=seen / max(time.time() - t0, 1e-9))
-            return loss_sum, wrong
-
-        for i, (x, y) in enumerate(loader):
-            if i < self.step_in_epoch:
-                progress.update(1)
-                continue
-            if x.device != device:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss, wrong = self.graphed(x, y)
-            loss_acc.add_(loss * y.numel())
-            wrong_acc.add_(wrong)
-            self.step += 1
-            self.step_in_epoch = i + 1
-            seen += y.numel()
-            unread += 1
-            if cfg.max_steps is not None and self.step >= cfg.max_steps:
-                stopped = self.step_in_epoch < len(loader)
-                break
-            if unread == SYNC_EVERY:
-                read()
-                unread = 0
-        loss_sum, wrong = read()  # every loss of the epoch checked before any checkpoint
-        progress.close()
-        seconds = time.time() - t0
-        if stopped:
-            return {}, True
-        return {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
-                "train_error": wrong / max(seen, 1), "lr": lr,
-                "images_per_s": seen / max(seconds, 1e-9), "seconds": seconds}, False
+    def _read(self, unread: "_Unread", totals: dict, epoch: int, lr: float, progress: "_Progress",
+              t0: float, last: bool = False) -> None:
+        """Read the unread steps' numbers back in one transfer: stop on a non-finite loss, add
+        them to the epoch's totals, show the progress and log the loss. ``last``: the epoch's
+        end or a --max-steps stop, whose own log line follows."""
+        if not unread.steps:
+            return
+        losses, wrongs = unread.read()
+        bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
+        if bad is not None:
+            self._stop_non_finite(losses[bad], unread.steps[bad], unread.steps[0],
+                                  unread.steps[-1], epoch + 1)
+        window = sum(v * n for v, n in zip(losses, unread.sizes))
+        totals["seen"] += sum(unread.sizes)
+        totals["loss"] += window
+        totals["wrong"] += int(sum(wrongs))
+        seen = totals["seen"]
+        progress.read(self.state.step_in_epoch, loss=totals["loss"] / seen,
+                      err=100 * totals["wrong"] / seen,
+                      ips=self.world.size * seen / max(time.time() - t0, 1e-9), line=not last)
+        self.logs.step(self.state.step, window / sum(unread.sizes), lr)
+        unread.clear()
 
     def _validate(self, loader) -> dict:
         """Validation loss and error (on the first process; None without a hold-out)."""
@@ -568,47 +616,51 @@ class _Run:
         return {"val_loss": val["loss"], "val_error": val["error"]}
 
     def _end_epoch(self, row: dict, has_validation: bool) -> None:
-        """Record the epoch: history, best epoch, checkpoints, metrics.jsonl, curves, log."""
-        epoch = row["epoch"]
+        """Record the epoch: history, best epoch, logs, checkpoints, metrics.jsonl, curves."""
+        state, epoch = self.state, row["epoch"]
         row = {k: row[k] for k in ("epoch", "train_loss", "train_error", "val_loss", "val_error",
                                    "lr", "images_per_s", "seconds")}
-        self.history.append(row)
-        self.step_in_epoch = 0
+        state.history.append(row)
+        state.epoch, state.step_in_epoch = epoch, 0
         err = row["val_error"]
-        improved = err is not None and (self.best["val_error"] is None or err < self.best["val_error"])
+        improved = err is not None and (state.best["val_error"] is None or err < state.best["val_error"])
         if improved:
-            self.best = {"val_error": err, "epoch": epoch}
+            state.best = {"val_error": err, "epoch": epoch}
+        # before the checkpoint: a resume from the one before hides these steps in TensorBoard
+        self.logs.epoch(state.step, row)
         # without validation data, best = latest
-        self._checkpoint(("best.pt", "last.pt") if improved or not has_validation else ("last.pt",),
-                         epoch, 0)
+        self._checkpoint(("best.pt", "last.pt") if improved or not has_validation else ("last.pt",))
         if self.world.is_main:
-            write_metrics(self.run_dir, self.history)
-            plot_curves([(self.run_dir.name, self.history)], self.run_dir / "curves.png")
+            write_metrics(self.run_dir, state.history)
+            plot_curves([(self.run_dir.name, state.history)], self.run_dir / "curves.png")
         self.log.info(_epoch_line(row, self.recipe.epochs) if self.world.is_main else "")
 
     # --------------------------------------------------------------------- checkpoints
 
-    def _checkpoint(self, names: tuple[str, ...], epoch: int, step_in_epoch: int) -> None:
-        """Write the training state to each of ``names`` (first process only; all wait)."""
+    def _checkpoint(self, names: tuple[str, ...]) -> None:
+        """Write the model and the training state to each of ``names`` (first process only;
+        all wait)."""
         rng = gather_objects(_rng_state(self.device))  # every process's random state
         if self.world.is_main:
+            state = replace(self.state, optimizer=self.optimizer.state_dict(), rng=rng)
             payload = {"model": {"name": self.cfg.model, "overrides": self.overrides},
                        "state_dict": self.net.state_dict(), "classes": list(self.ds.classes),
-                       "preprocess": self.splits.preprocess(), "epoch": epoch, "step": self.step,
-                       "step_in_epoch": step_in_epoch, "optimizer": self.optimizer.state_dict(),
-                       "rng": rng, "config": self.cfg.to_dict(), "history": self.history,
-                       "best": self.best, "params": self.params, "pretrained": self.pretrained}
+                       "preprocess": self.splits.preprocess(), "config": self.cfg.to_dict(),
+                       "params": self.params, **state.to_dict()}
             for name in names:
                 _save(self.run_dir / name, payload)
         barrier()
 
-    def _stop_non_finite(self, epoch: int, value: float, by: bool = False):
-        last = self.run_dir / "last.pt"
-        where = (f"The last good checkpoint is {last}; resume with 'densenet train --resume "
+    def _stop_non_finite(self, value: float, step: int, first: int, last: int, epoch: int):
+        """Stop the run: the loss of global ``step`` was ``value``; steps ``first`` to ``last``
+        were read back together."""
+        path = self.run_dir / "last.pt"
+        where = (f"The last good checkpoint is {path}; resume with 'densenet train --resume "
                  f"{self.run_dir}' (perhaps after lowering the learning rate)."
-                 if last.exists() else "No checkpoint was written yet.")
-        at = f"by step {self.step}" if by else f"at step {self.step + 1}"
-        msg = (f"the training loss became {value} {at} (epoch {epoch}); the run stopped. {where}")
+                 if path.exists() else "No checkpoint was written yet.")
+        msg = (f"the training loss became {value} by step {last} (epoch {epoch}); the run "
+               f"stopped. The losses between steps {first} and {last} (epoch {epoch}) were read "
+               f"back together: it became {value} at step {step} (epoch {epoch}). {where}")
         self.log.info(msg)
         raise UsageError(msg)
 
@@ -622,7 +674,7 @@ class _Run:
             if r.selection == "best" and (self.run_dir / "best.pt").exists():
                 net.load_state_dict(load_checkpoint(self.run_dir / "best.pt")["state_dict"])
             test = evaluate_batches(net, splits.loader(splits.test, train=False), self.device, self.cfg.amp)
-        history, best = self.history, self.best
+        history, best = self.state.history, self.state.best
         result = {
             "model": self.cfg.model, "recipe": r.name, "dataset": splits.ds.name, "params": self.params,
             "flops": count_macs(net, splits.preprocess()["input_size"]),
@@ -635,10 +687,45 @@ class _Run:
             "images_per_s": (sum(h["images_per_s"] for h in history) / len(history)) if history else None,
         }
         atomic_write_json(self.run_dir / "result.json", result)
+        self.logs.result(self.state.step, result,
+                         [self.run_dir / f for f in ("result.json", "curves.png", "best.pt")])
         if complete:
             self.log.info(_done_line(result, len(splits.test) if splits.test is not None else 0))
             self.log.info(f"run directory: {self.run_dir}")
         return result
+
+
+class _Unread:
+    """The losses and wrong-prediction counts of the steps since the last read, kept on the
+    device in one tensor (row 0 the losses, row 1 the counts, exact in float32 below 2^24),
+    so that reading them back is one transfer; batch sizes and step numbers are known on the
+    host."""
+
+    def __init__(self, size: int, device: torch.device):
+        self.values = torch.zeros(2, size, device=device)
+        self.sizes: list[int] = []
+        self.steps: list[int] = []
+
+    @property
+    def full(self) -> bool:
+        return len(self.sizes) == self.values.shape[1]
+
+    def add(self, loss: torch.Tensor, wrong: torch.Tensor, n: int, step: int) -> None:
+        # copied at once: the captured step returns the same tensors at every replay
+        k = len(self.sizes)
+        self.values[0, k].copy_(loss)
+        self.values[1, k].copy_(wrong)
+        self.sizes.append(n)
+        self.steps.append(step)
+
+    def read(self) -> tuple[list[float], list[float]]:
+        """The host read: it waits for the device to finish the steps."""
+        losses, wrongs = self.values[:, :len(self.sizes)].tolist()
+        return losses, wrongs
+
+    def clear(self) -> None:
+        self.sizes.clear()
+        self.steps.clear()
 
 
 def _build_model(cfg: TrainConfig, overrides: dict, device: torch.device, world: World):
@@ -743,23 +830,46 @@ def _done_line(result: dict, test_images: int) -> str:
 
 
 class _Progress:
-    """A tqdm bar per epoch (loss, error %, images/s); nothing with --quiet."""
+    """The epoch's progress on stderr: the running training loss, error and images/s as of the
+    last read of the losses, nothing with --quiet or on processes other than the first.
 
-    def __init__(self, total: int, desc: str, quiet: bool):
-        self.bar = None
-        if not quiet:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True,
-                            file=sys.stderr)
+    On a terminal, a tqdm bar that advances every step. Elsewhere (stderr redirected to a file
+    under SLURM or nohup, a pipe in CI) a bar would write a redraw for every step into the file,
+    so a plain line is printed instead at the epoch's first read (after ``READ_EVERY`` steps, a
+    first speed early on) and then at the first read at least ``LINE_SECONDS`` seconds after the
+    previous line: at most two lines a minute, however fast the steps. The epoch's end and a
+    --max-steps stop print none: their own log line follows on stdout."""
 
-    def update(self, n: int, **postfix):
-        if self.bar is None:
+    LINE_SECONDS = 30.0
+
+    def __init__(self, total: int, done: int, epoch: int, epochs: int, quiet: bool):
+        self.bar, self.plain = None, False
+        self.total, self.epoch, self.epochs = total, epoch, epochs
+        self.last_line = None
+        if quiet:
             return
-        self.bar.update(n)
-        if postfix:
-            self.bar.set_postfix(loss=f"{postfix['loss']:.3f}", err=f"{postfix['err']:.1f}%",
-                                 img_s=f"{postfix['ips']:.0f}", refresh=False)
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=done, desc=f"epoch {epoch}/{epochs}",
+                            unit="batch", leave=False, dynamic_ncols=True, file=sys.stderr)
+        else:
+            self.plain = True
 
-    def close(self):
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def read(self, done: int, loss: float, err: float, ips: float, line: bool = True) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", err=f"{err:.1f}%", img_s=f"{ips:.0f}",
+                                 refresh=False)
+        elif self.plain and line:
+            now = time.monotonic()
+            if self.last_line is None or now - self.last_line >= self.LINE_SECONDS:
+                self.last_line = now
+                print(f"epoch {self.epoch}/{self.epochs} step {done}/{self.total}: train loss "
+                      f"{loss:.4f} err {err:.2f}%, {ips:.0f} img/s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

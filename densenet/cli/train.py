@@ -12,14 +12,24 @@ from ..errors import UsageError
 from ..recipes import RECIPES, format_recipe, get_recipe
 from .types import DEVICES, non_negative_int, positive_float, positive_int
 
-# Options passed to densenet.train.train under their own names.
-RUN_OPTIONS = ("epochs", "batch_size", "lr", "weights", "freeze", "new_head", "seed", "device", "amp", "channels_last", "compile",
-               "cuda_graph", "sync_bn", "implementation", "max_steps", "workers", "quiet", "download")
-# What a resumed run keeps from its config.json, by flag.
-FIXED_ON_RESUME = {"model": "--model", "recipe": "--recipe", "data": "--data", "out": "--out",
-                   "epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "set": "--set",
-                   "weights": "--weights", "freeze": "--freeze", "new_head": "--new-head",
-                   "compile": "--compile", "cuda_graph": "--cuda-graph"}
+# Recipe fields with a flag of their own (every one can be given with --set FIELD=VALUE).
+RECIPE_OPTIONS = ("epochs", "batch_size", "lr")
+# Options passed to densenet.train.train under their own names: those recipe fields and the
+# run fields of TrainConfig but its positional arguments.
+RUN_OPTIONS = RECIPE_OPTIONS + tuple(k for k in train_api.RUN_FIELDS
+                                     if k not in ("model", "recipe", "data", "out"))
+# What a resumed run keeps from its config.json, by flag: every recipe field, and the run
+# fields that are not resumable.
+FIXED_ON_RESUME = {**{k: train_api.option_flag(k) for k in train_api.RUN_FIELDS
+                      if k not in train_api.RESUMABLE},
+                   **{k: train_api.option_flag(k) for k in RECIPE_OPTIONS}, "set": "--set"}
+
+
+def _given(args, name: str) -> bool:
+    """Whether an option was on the command line: every option's default is None or False
+    (compared by identity: ``--seed 0`` is given)."""
+    value = getattr(args, name)
+    return value is not None and value is not False
 
 
 def parse_set(items: list[str] | None) -> dict:
@@ -58,28 +68,26 @@ def launch(nproc: int, argv: list[str]) -> int:
 
 
 def _cmd_train(args) -> int:
-    options = {k: getattr(args, k) for k in RUN_OPTIONS}
+    # only what was given: the defaults are TrainConfig's, and --resume tells given from not
+    options = {k: getattr(args, k) for k in RUN_OPTIONS if _given(args, k)}
     set_fields = parse_set(args.set)
     if args.nproc:
         if args.nproc > 1 and not (args.out or args.resume):
             raise UsageError("give --out RUN_DIR with --nproc, so that every process writes to "
                              "the same run directory.")
         if not args.resume:  # check the arguments once, before starting any process
-            cfg = train_api.make_config(args.model, args.recipe or "quickstart", args.data, args.out,
-                                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                        weights=args.weights, freeze=args.freeze,
-                                        new_head=args.new_head,
-                                        set_fields=set_fields)
+            cfg = train_api.make_config(args.model, args.recipe or "quickstart", args.data,
+                                        args.out, set_fields=set_fields, **options)
             train_api.check_divisible(cfg.recipe.batch_size, args.nproc)
         return launch(args.nproc, _strip_nproc(args.argv))
     if args.resume:
-        given = [flag for name, flag in FIXED_ON_RESUME.items() if getattr(args, name)]
-        if given:
-            raise UsageError(f"{', '.join(given)} cannot change on --resume: the run keeps its own "
-                             f"config ({Path(args.resume) / 'config.json'}). Only --max-steps, "
-                             f"--device, --workers and --quiet can be given anew.")
-        train_api.train(resume=args.resume, max_steps=args.max_steps, quiet=args.quiet,
-                        device=args.device, workers=args.workers, sync_bn=args.sync_bn or None)
+        fixed = [flag for name, flag in FIXED_ON_RESUME.items() if _given(args, name)]
+        if fixed:
+            anew = ", ".join(train_api.option_flag(k) for k in train_api.RESUMABLE)
+            raise UsageError(f"{', '.join(fixed)} cannot change on --resume: the run keeps its own "
+                             f"config ({Path(args.resume) / 'config.json'}). Only {anew} can be "
+                             f"given anew.")
+        train_api.train(resume=args.resume, **options)
         return 0
     train_api.train(args.model, args.recipe or "quickstart", args.data, args.out,
                     set_fields=set_fields, **options)
@@ -125,24 +133,34 @@ def register(sub) -> None:
     p.add_argument("--lr", type=positive_float, help="initial learning rate")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="override any recipe field, e.g. --set val_size=0 --set augment=false")
-    p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--seed", type=non_negative_int, help="random seed (default 0)")
+    p.add_argument("--device", choices=DEVICES, help="default: auto (a GPU if PyTorch sees one)")
     p.add_argument("--amp", choices=["bf16"], help="bfloat16 autocast")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture the whole training step (forward, backward, SGD) in one CUDA "
                    "graph and replay it (--device cuda, one process, SGD)")
-    p.add_argument("--implementation", default="efficient", choices=["efficient", "reference"],
+    p.add_argument("--implementation", choices=["efficient", "reference"],
                    help="dense-block path: memory-efficient (default) or the plain reference")
     p.add_argument("--max-steps", type=positive_int, help="stop after this many steps (smoke runs)")
-    p.add_argument("--workers", type=non_negative_int, default=4, help="DataLoader workers (large images)")
+    p.add_argument("--workers", type=non_negative_int,
+                   help="DataLoader workers (large images; default 4)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
     p.add_argument("--nproc", type=positive_int,
                    help="processes on this machine (launches torchrun; one per GPU)")
     p.add_argument("--sync-bn", action="store_true",
                    help="synchronise BatchNorm statistics over all processes")
-    p.add_argument("--quiet", action="store_true", help="no progress bars; one log line per epoch")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress on stderr (without it: a bar on a terminal, elsewhere a plain "
+                   "line at most every 30 s); one log line per epoch")
+    p.add_argument("--log", action="append", metavar="tensorboard|mlflow",
+                   help="also log the losses, learning rate, errors and speed: 'tensorboard' "
+                   "(event files in RUN_DIR/tensorboard/; pip install 'densenet-torch[tensorboard]') "
+                   "or 'mlflow' (config as params, metrics, result.json, curves.png and best.pt as "
+                   "artifacts, to MLFLOW_TRACKING_URI, else to sqlite:///RUN_DIR/mlflow.db; pip "
+                   "install 'densenet-torch[mlflow]'); both: --log tensorboard --log mlflow or "
+                   "--log tensorboard,mlflow. Part of the run: --resume continues the same logs")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("recipes", help="list the training recipes or show one in full")
