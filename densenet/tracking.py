@@ -24,7 +24,9 @@ Unset, MLflow itself would write to ``mlflow.db`` (``./mlruns`` before MLflow 3)
 directory the command runs from, which a resume from elsewhere would not find; so the default
 here is a store inside the run directory: ``sqlite:///RUN_DIR/mlflow.db`` with artifacts in
 ``RUN_DIR/mlartifacts/`` (``mlflow ui --backend-store-uri sqlite:///RUN_DIR/mlflow.db``).
-``RUN_DIR/mlflow.json`` records the store and run id, so a resume continues the same run.
+An experiment this creates in a local SQLite store keeps its artifacts in ``mlartifacts/``
+beside the file, not in ``./mlruns`` as MLflow would. ``RUN_DIR/mlflow.json`` records the store
+and run id, so a resume continues the same run.
 MLflow has no purge: after a kill, the steps between the last checkpoint and the kill are
 logged twice.
 """
@@ -163,9 +165,8 @@ class _MLflow:
         if experiment is not None:
             experiment_id = experiment.experiment_id
         else:
-            # in the run directory's own store the artifacts stay in the run directory too
-            location = None if uri else (run_dir / "mlartifacts").resolve().as_uri()
-            experiment_id = self.client.create_experiment(name, artifact_location=location)
+            experiment_id = self.client.create_experiment(
+                name, artifact_location=_artifact_root(uri, run_dir))
         run = self.client.create_run(experiment_id, run_name=run_dir.name,
                                      tags={"densenet.run_dir": str(run_dir.resolve())})
         self.run_id = run.info.run_id
@@ -189,6 +190,17 @@ class _MLflow:
 
     def close(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+def _artifact_root(uri: str | None, run_dir: Path) -> str | None:
+    """Where a new experiment keeps its files: beside the SQLite file of a local store (MLflow
+    would choose ./mlruns in the working directory), in the run directory for its own store;
+    a server decides for itself (None)."""
+    if uri is None:
+        return (run_dir / "mlartifacts").resolve().as_uri()
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return None
 
 
 def _default_store(run_dir: Path) -> str:
