@@ -176,16 +176,23 @@ def _supported_structure(layers, norms) -> bool:
     return True
 
 
+def _make_plan(block, layers, key) -> _Plan:
+    norms = tuple(_norms(layers))
+    inside = [m for m in block.modules() if m is not block]
+    return _Plan(key, layers, norms, _supported_structure(layers, norms),
+                 tuple(d for m in inside for d in _hook_dicts(m)))
+
+
 def _plan(block) -> _Plan:
     layers = tuple(block.values())
     key = (_structure_version, layers)
+    if torch.compiler.is_compiling():
+        # worked out at trace time and guarded by dynamo; writing the cache from inside a
+        # trace would make the next call's guard on the cache fail (a second compilation)
+        return _make_plan(block, layers, key)
     plan = _plans.get(block)
     if plan is None or plan.key[0] != key[0] or plan.key[1] != layers:
-        norms = tuple(_norms(layers))
-        inside = [m for m in block.modules() if m is not block]
-        plan = _Plan(key, layers, norms, _supported_structure(layers, norms),
-                     tuple(d for m in inside for d in _hook_dicts(m)))
-        _plans[block] = plan
+        plan = _plans[block] = _make_plan(block, layers, key)
     return plan
 
 
