@@ -25,7 +25,9 @@ from .distributed import (World, all_reduce_sum, barrier, convert_sync_batchnorm
 from .errors import UsageError
 from .metrics import evaluate_batches
 from .model import count_macs, count_parameters, create_model, model_info
+from .ops import release_buffers
 from .plots import plot_curves
+from .preprocess import Preprocess
 from .recipes import RECIPE_FIELDS, Recipe, get_recipe, override
 from .rundir import (atomic_write_json, load_checkpoint, remove_stale_temporaries,
                      save_checkpoint, write_metrics)
@@ -240,32 +242,34 @@ class _Splits:
             self.test = self.test.to(device) if self.test is not None else None
 
     def loader(self, part, train: bool):
-        r, cfg = self.cfg.recipe, self.cfg
+        r, cfg, pre = self.cfg.recipe, self.cfg, self.record()
         if self.ds.small:
             eval_batch = 500 if not self.upscale else max(16, 500 * self.image_size ** 2 // r.input_size ** 2)
             return data_mod.DeviceLoader(part, r.batch_size // self.world if train else eval_batch,
                                          shuffle=train, augment=train and r.augment,
-                                         mean=self.mean, std=self.std, seed=cfg.seed,
+                                         preprocess=pre, seed=cfg.seed,
                                          rank=self.rank if train else 0,
                                          world_size=self.world if train else 1,
-                                         drop_last=False, channels_last=cfg.channels_last,
-                                         resize=r.input_size if self.upscale else None)
+                                         drop_last=False, channels_last=cfg.channels_last)
         return data_mod.make_file_loader(part, r.batch_size // self.world if train else 100,
-                                         train=train, mean=self.mean, std=self.std,
-                                         input_size=r.input_size, resize=round(r.input_size * 256 / 224),
+                                         train=train, preprocess=pre,
                                          workers=cfg.workers, seed=cfg.seed,
                                          rank=self.rank if train else 0,
                                          world_size=self.world if train else 1)
 
-    def preprocess(self) -> dict:
-        """How inputs were made (docs/run-directory.md): small images keep their ``image_size``
-        and are fed at ``input_size`` (larger when upscaled); large ones Resize + crop."""
+    def record(self) -> Preprocess:
+        """How inputs are made (docs/run-directory.md): small images keep their ``image_size``
+        and are fed at ``input_size`` (larger when upscaled); large ones Resize + crop. The
+        loaders here and every command reading the checkpoint use this one record."""
         r = self.cfg.recipe
         if self.ds.small:
-            return {"kind": "small", "input_size": r.input_size if self.upscale else self.image_size,
-                    "image_size": self.image_size, "resize": None, "mean": self.mean, "std": self.std}
-        return {"kind": "imagenet", "input_size": r.input_size,
-                "resize": round(r.input_size * 256 / 224), "mean": self.mean, "std": self.std}
+            return Preprocess.small(self.image_size, r.input_size if self.upscale else self.image_size,
+                                    self.mean, self.std)
+        return Preprocess.files(r.input_size, self.mean, self.std)
+
+    def preprocess(self) -> dict:
+        """The record as a checkpoint's ``preprocess`` dict."""
+        return self.record().to_dict()
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -612,7 +616,11 @@ class _Run:
         """Validation loss and error (on the first process; None without a hold-out)."""
         val = {"loss": None, "error": None}
         if loader is not None and self.world.is_main:
+            # the efficient ops pool large CPU buffers for the next batch of the same size:
+            # training's are idle during validation, and validation's until the next one
+            release_buffers()
             val = evaluate_batches(self.net, loader, self.device, self.cfg.amp)
+            release_buffers()
         return {"val_loss": val["loss"], "val_error": val["error"]}
 
     def _end_epoch(self, row: dict, has_validation: bool) -> None:
@@ -673,6 +681,7 @@ class _Run:
         if complete and splits.test is not None:
             if r.selection == "best" and (self.run_dir / "best.pt").exists():
                 net.load_state_dict(load_checkpoint(self.run_dir / "best.pt")["state_dict"])
+            release_buffers()  # training's, as before validation
             test = evaluate_batches(net, splits.loader(splits.test, train=False), self.device, self.cfg.amp)
         history, best = self.state.history, self.state.best
         result = {

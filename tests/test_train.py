@@ -67,22 +67,27 @@ def test_a_run_leaves_everything_in_its_directory(tmp_path, folder_data):
 def test_pooled_buffers_are_freed_before_and_after_each_validation(tmp_path, folder_data, monkeypatch):
     # the efficient path keeps its large buffers for reuse at the same sizes; validation runs
     # at another batch size, so neither phase may find the other's buffers still held
-    from densenet import kernels, train as train_mod
+    from densenet import train as train_mod
+    from densenet.ops import buffers
     held = []
-    real = train_mod.evaluate_batches
+    real_eval, real_validate = train_mod.evaluate_batches, train_mod._Run._validate
 
-    def validation(model, batches, *args, **kwargs):
+    def evaluation(model, batches, *args, **kwargs):
         def checked():
-            held.append(kernels.pooled_bytes())  # at the first batch: training buffers gone
+            held.append(buffers.pooled_bytes())  # at the first batch: training buffers gone
             yield from batches
-        out = real(model, checked(), *args, **kwargs)
-        held.append(kernels.pooled_bytes())  # after: so are the validation ones
+        return real_eval(model, checked(), *args, **kwargs)
+
+    def validate(self, loader):
+        out = real_validate(self, loader)
+        held.append(buffers.pooled_bytes())  # back in training: so are the validation ones
         return out
 
-    monkeypatch.setattr(train_mod, "evaluate_batches", validation)
-    monkeypatch.setattr(kernels, "POOL_MIN_BYTES", 1024)  # pool even this tiny model's buffers
+    monkeypatch.setattr(train_mod, "evaluate_batches", evaluation)
+    monkeypatch.setattr(train_mod._Run, "_validate", validate)
+    monkeypatch.setattr(buffers, "POOL_MIN_BYTES", 1024)  # pool even this tiny model's buffers
     run(tmp_path, folder_data, "pool", epochs=2)
-    assert held == [0, 0, 0, 0] and kernels.pooled_bytes() == 0
+    assert held == [0, 0, 0, 0] and buffers.pooled_bytes() == 0
 
 
 def test_recipe_settings_reach_the_optimizer(tmp_path, folder_data):
