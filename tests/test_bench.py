@@ -45,3 +45,17 @@ def test_compare_modes_measures_both_paths_in_every_training_mode():
                                   "compile_speed_vs_reference", "compile_speed_vs_eager"}
     text = format_report(dict(results=[], modes=res))
     assert "| compile | ours |" in text and "compile_speed_vs_eager" in text
+
+
+def test_bench_modes_takes_mode_names_and_refuses_unknown_ones(capsys):
+    from densenet.cli import main
+    assert main(["bench", "--modes", "eager,warp", "--model", "densenet_bc16_k4"]) == 2
+    assert "--modes takes some of eager,bf16,compile (comma-separated), got 'eager,warp'" in capsys.readouterr().err
+
+
+def test_compare_modes_runs_only_the_modes_named():
+    from densenet.bench import compare_modes
+    res = compare_modes("densenet_bc16_k4", batch=2, size=16, steps=1, warmup=0, repeats=1,
+                        device="cpu", log=lambda *a: None, modes=["bf16"])
+    assert set(res["summary"]) == {"bf16:ours", "bf16:ours-ref"}
+    assert set(res["ratios"]) == {"bf16_peak_vs_reference", "bf16_speed_vs_reference"}
