@@ -48,7 +48,8 @@ def to_rgb(img):
 
 
 # mode name in the record -> the conversion; a new rule gets a new name, so a checkpoint says
-# which one its training data went through
+# which one its training data went through. The small-image cache is decoded with DEFAULT_MODE:
+# a second rule would have to be part of the cache's key.
 CONVERSIONS = {"rgb8": to_rgb}
 DEFAULT_MODE = "rgb8"
 
@@ -183,6 +184,7 @@ class Preprocess:
         return self.kind == "small" and self.input_size != self.image_size
 
     def with_stats(self, mean, std) -> "Preprocess":
+        """The same record with this normalisation (for a net whose file did not say)."""
         return replace(self, mean=mean, std=std)
 
     def convert(self, img):
