@@ -185,16 +185,24 @@ for _name, _schema in SCHEMAS.items():
 
 # ----------------------------------------------------------------------------- backend kernels
 
+def _block_passes(mod) -> dict:
+    """The four passes of the block's inner loops, which both backends have, by op: ``mod``'s
+    functions of the op's arguments (the torch-op defaults' scratch ``tmp`` dropped)."""
+    return {
+        "fused_bn_relu": lambda x, scale, shift, out: mod.bn_relu(x, scale, shift, out),
+        "fused_bn_relu_grad": lambda x, g, scale, shift, mean, dx, sums, z, assign, tmp:
+            mod.bn_relu_grad(x, g, scale, shift, mean, dx, sums, z, assign),
+        "fused_bn_grad_apply": lambda x, g, scale, shift, mean, a, b, out, tmp:
+            mod.bn_grad_apply(x, g, scale, shift, mean, a, b, out),
+        "fused_col_affine_add": lambda x, coef, cst, src, out: mod.col_affine_add(x, coef, cst, src, out),
+    }
+
+
 def _cpu_kernels() -> dict:
-    """The C kernels by op, as functions of the op's arguments."""
+    """The C kernels by op: the block's passes, the statistics, the copy and the stem's pass."""
     from . import cpu
     return {
-        "fused_bn_relu": lambda x, scale, shift, out: cpu.bn_relu(x, scale, shift, out),
-        "fused_bn_relu_grad": lambda x, g, scale, shift, mean, dx, sums, z, assign, tmp:
-            cpu.bn_relu_grad(x, g, scale, shift, mean, dx, sums, z, assign),
-        "fused_bn_grad_apply": lambda x, g, scale, shift, mean, a, b, out, tmp:
-            cpu.bn_grad_apply(x, g, scale, shift, mean, a, b, out),
-        "fused_col_affine_add": lambda x, coef, cst, src, out: cpu.col_affine_add(x, coef, cst, src, out),
+        **_block_passes(cpu),
         "fused_col_stats": lambda x, eps: cpu.col_stats(x),
         "fused_col_stats_acc": lambda x, state: cpu.col_stats(x, state),
         "fused_copy_cols": lambda src, dst: cpu.copy_cols(src, dst),
@@ -208,14 +216,7 @@ def _cpu_kernels() -> dict:
 def _cuda_kernels() -> dict:
     """The Triton kernels by op (the four passes of the block's inner loops)."""
     from . import cuda
-    return {
-        "fused_bn_relu": lambda x, scale, shift, out: cuda.bn_relu(x, scale, shift, out),
-        "fused_bn_relu_grad": lambda x, g, scale, shift, mean, dx, sums, z, assign, tmp:
-            cuda.bn_relu_grad(x, g, scale, shift, mean, dx, sums, z, assign),
-        "fused_bn_grad_apply": lambda x, g, scale, shift, mean, a, b, out, tmp:
-            cuda.bn_grad_apply(x, g, scale, shift, mean, a, b, out),
-        "fused_col_affine_add": lambda x, coef, cst, src, out: cuda.col_affine_add(x, coef, cst, src, out),
-    }, lambda t: backends.triton and cuda.available(t)
+    return _block_passes(cuda), lambda t: backends.triton and cuda.available(t)
 
 
 def _dispatching(name: str, kernel, usable):
