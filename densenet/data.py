@@ -1,4 +1,4 @@
-"""Data: CIFAR-10/100, SVHN and class-per-folder images, loaded for the training loop.
+"""Data: CIFAR-10/100, SVHN, class-per-folder images and CSV manifests, loaded for training.
 
 Small images (CIFAR, SVHN, any folder of images up to 64 px) are decoded once into a uint8
 tensor cache, kept whole on the training device and augmented a batch at a time with tensor
@@ -42,7 +42,8 @@ FORMATS_HELP = (
     "the folder holding it, or the extracted cifar-10-batches-py / cifar-100-python folder or its "
     "parent); SVHN's official train_32x32.mat, test_32x32.mat and extra_32x32.mat in one folder; "
     "or a class-per-folder image directory (ROOT/CLASS/IMAGE, or ROOT/train/CLASS/IMAGE with "
-    "optional ROOT/val and ROOT/test); add --download to fetch CIFAR-10/100 or SVHN.")
+    "optional ROOT/val and ROOT/test); a CSV manifest (FILE.csv: an image path column and a "
+    "class column, see densenet.labels); add --download to fetch CIFAR-10/100 or SVHN.")
 
 
 # ----------------------------------------------------------------------------- containers
@@ -79,11 +80,12 @@ class ImageFiles:
 
 @dataclass
 class Dataset:
-    name: str                                # cifar10 | cifar100 | svhn | folder | imagenet
+    name: str                                # cifar10 | cifar100 | svhn | folder | imagenet | csv
     classes: list[str]                       # index = label
     train: ImageTensors | ImageFiles
     val: ImageTensors | ImageFiles | None    # only when the data itself has a val split
     test: ImageTensors | ImageFiles | None   # the official test split
+    groups: list[str] | None = None          # a CSV's group column, one per training image
     _stats: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -118,14 +120,17 @@ def _channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
 # ----------------------------------------------------------------------------- open_dataset
 
 def open_dataset(path: str | Path, *, download: bool = False, name: str | None = None,
-                 svhn_extra: bool = True, cache_dir: str | Path | None = None) -> Dataset:
+                 svhn_extra: bool = True, cache_dir: str | Path | None = None,
+                 csv_options: dict | None = None) -> Dataset:
     """Detect the format under ``path`` and load it.
 
     ``name`` ("cifar10", "cifar100", "svhn") says which data set to fetch into ``path`` with
     ``download=True``; without it, it only guards against loading another of the three. SVHN's
-    training split is train (+ extra with ``svhn_extra``). Small images are cached as uint8
-    tensors in ``cache_dir`` (default ``$DENSENET_CACHE`` or ``~/.cache/densenet``) keyed on
-    the files' absolute paths, names, sizes and modification times.
+    training split is train (+ extra with ``svhn_extra``). A ``.csv`` file is a manifest read by
+    :func:`densenet.labels.read_csv` with ``csv_options`` (its keyword arguments); every row is
+    a training image. Small images are cached as uint8 tensors in ``cache_dir`` (default
+    ``$DENSENET_CACHE`` or ``~/.cache/densenet``) keyed on the files' absolute paths, names,
+    sizes and modification times.
     """
     if name is not None and name not in DOWNLOADS:
         if download:
@@ -167,12 +172,16 @@ def open_dataset(path: str | Path, *, download: bool = False, name: str | None =
         stamps = _file_stamps([f for f in files if f.exists()])
         return _cached(cache, kind, where, {"extra": svhn_extra}, stamps,
                        lambda: _load_svhn(where, svhn_extra))
+    if kind == "csv":
+        return _open_csv(where, cache, csv_options or {})
     return _open_folder(where, cache)
 
 
 def _detect(path: Path) -> tuple[str, Path] | None:
     """(kind, location) of the data at ``path``, or None when nothing known is there."""
     if path.is_file():
+        if path.suffix.lower() == ".csv":
+            return "csv", path
         for kind, (archive, _, _) in _CIFAR_FILES.items():
             if path.name == archive:
                 return kind, path
@@ -223,7 +232,7 @@ def _cached(cache: Path, kind: str, where: Path, options: dict, stamps: list, bu
         except Exception:  # a damaged or foreign cache file is rebuilt, never trusted
             pass
     ds = build()
-    blob = {"key": key, "name": ds.name, "classes": list(ds.classes)}
+    blob = {"key": key, "name": ds.name, "classes": list(ds.classes), "groups": ds.groups}
     for split in ("train", "val", "test"):
         part = getattr(ds, split)
         if part is not None:
@@ -240,7 +249,9 @@ def _cached(cache: Path, kind: str, where: Path, options: dict, stamps: list, bu
 def _from_blob(blob: dict) -> Dataset:
     parts = {s: ImageTensors(blob[s]["images"], blob[s]["labels"]) if s in blob else None
              for s in ("train", "val", "test")}
-    return Dataset(name=blob["name"], classes=list(blob["classes"]), **parts)
+    groups = blob.get("groups")
+    return Dataset(name=blob["name"], classes=list(blob["classes"]), **parts,
+                   groups=None if groups is None else list(groups))
 
 
 # ----------------------------------------------------------------------------- CIFAR
@@ -446,6 +457,32 @@ def _open_folder(root: Path, cache: Path) -> Dataset:
         return Dataset(name="imagenet", classes=classes, **parts)
     stamps = [[s] + [[str(p.relative_to(root)), *_stat(p)] for p, _ in splits[s]] for s in splits]
     return _cached(cache, "folder", root, {}, stamps, lambda: _decode_folder(classes, splits))
+
+
+def _open_csv(path: Path, cache: Path, options: dict) -> Dataset:
+    """A CSV manifest (:func:`densenet.labels.read_csv`): every row a training image, small
+    images decoded into the cache like a folder's, large ones read by the file loader."""
+    from .labels import read_csv
+    table = read_csv(path, **options)
+    if table.multi_label:
+        raise UsageError(
+            f"{path} has {len(table.names)} label columns ({', '.join(table.names[:6])}"
+            f"{', ...' if len(table.names) > 6 else ''}): a multi-label manifest. Training reads "
+            f"single-label manifests (an image path column and one class column); to train on one "
+            f"of these labels, give a CSV with that column alone.")
+    samples = [(Path(p), int(y)) for p, y in zip(table.paths, table.targets)]
+    groups = None if table.groups is None else list(table.groups)
+    size = _image_size(samples[0][0])
+    if max(size) > SMALL_MAX_SIZE:
+        return Dataset(name="csv", classes=list(table.names), val=None, test=None,
+                       train=ImageFiles([(str(p), y) for p, y in samples]), groups=groups)
+    stamps = [_file_stamps([path])] + [[str(p), *_stat(p)] for p, _ in samples]
+
+    def build() -> Dataset:
+        ds = _decode_folder(list(table.names), {"train": samples})
+        ds.name, ds.groups = "csv", groups
+        return ds
+    return _cached(cache, "csv", path, options, stamps, build)
 
 
 def _stat(p: Path) -> tuple[int, int]:

@@ -18,6 +18,7 @@ from . import data as data_mod
 from .errors import UsageError
 from .metrics import evaluate_batches, evaluate_ten_crop
 from .model import DenseNet, create_model, model_info
+from .labels import options_from_fields
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, as_record, to_rgb
 from .rundir import load_checkpoint, read_file, resolve_checkpoint_path
 from .weights import extract_state_dict, load_strict
@@ -47,6 +48,7 @@ class Loaded:
     source: str                # the file the weights came from
     classes: list[str] | None  # label index -> class name; None for foreign weights
     pre: Preprocess            # how training made its inputs (docs/run-directory.md)
+    csv_options: dict | None = None  # how training read a CSV manifest (densenet.labels.read_csv)
 
     @property
     def preprocess(self) -> dict:
@@ -75,8 +77,10 @@ def load_for_inference(source: str | None = None, *, weights: str | None = None,
     pre = Preprocess.from_dict(payload.get("preprocess"), str(path))
     net = build_model(payload)
     classes = payload.get("classes")
+    config = payload.get("config")
     return Loaded(_for_inference(net), payload["model"]["name"], str(path),
-                  [str(c) for c in classes] if classes is not None else None, pre)
+                  [str(c) for c in classes] if classes is not None else None, pre,
+                  options_from_fields(config) if isinstance(config, dict) else None)
 
 
 def _load_foreign(weights: str, name: str) -> Loaded:
@@ -253,7 +257,7 @@ def evaluate(loaded: Loaded, data: str, split: str | None = None, ten_crop: bool
     corners and centre, and their mirrors; softmax averaged); the single-crop numbers then come
     from the centre crop of the same pass.
     """
-    ds = data_mod.open_dataset(data)
+    ds = data_mod.open_dataset(data, csv_options=loaded.csv_options)
     split, part = _pick_split(ds, split)
     device = torch.device(device)
     model = loaded.model.to(device).eval()

@@ -39,6 +39,14 @@ class Recipe:
     schedule: str = "step"          # "step" (lr x lr_gamma at lr_milestones) or "cosine" (to 0)
     label_smoothing: float = 0.0    # cross-entropy label smoothing
     pretrained_lr_scale: float = 1.0  # lr multiplier for the weights --weights loads (a new head keeps lr)
+    # CSV manifests (--data labels.csv; densenet.labels.read_csv): "" means the default
+    path_column: str = ""           # the image path column ("": path, Path or Image Index)
+    label_columns: str = ""         # comma-separated label (or class) columns ("": every other column)
+    labels_column: str = ""         # one column of separated label names ("": Finding Labels if present)
+    none_value: str = "No Finding"  # in that column: no positive label
+    uncertain: str = "ignore"       # -1 cells: "ignore" (masked), "ones" or "zeros" (CheXpert's U-*)
+    blank: str = "negative"         # blank cells: "negative" or "ignore"
+    group_column: str = ""          # hold out whole groups (e.g. "Patient ID") for validation
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -186,6 +194,10 @@ def validate_recipe(r: Recipe) -> Recipe:
         bad("normalize", f"must be meanstd, divide255 or imagenet, got {r.normalize!r}")
     if r.selection not in ("final", "best"):
         bad("selection", f"must be 'final' or 'best', got {r.selection!r}")
+    if r.uncertain not in ("ignore", "ones", "zeros"):
+        bad("uncertain", f"must be ignore, ones or zeros, got {r.uncertain!r}")
+    if r.blank not in ("negative", "ignore"):
+        bad("blank", f"must be negative or ignore, got {r.blank!r}")
     if r.input_size < 8:
         bad("input_size", f"must be at least 8, got {r.input_size}")
     return r

@@ -26,6 +26,7 @@ from .errors import UsageError
 from .metrics import evaluate_batches
 from .model import count_macs, count_parameters, create_model, model_info
 from .ops import release_buffers
+from .labels import holdout_by_group, options_from_fields
 from .plots import plot_curves
 from .preprocess import Preprocess
 from .recipes import RECIPE_FIELDS, Recipe, get_recipe, override
@@ -196,9 +197,14 @@ def _load_data(cfg: TrainConfig):
             f"recipe {cfg.recipe.name!r} needs --data PATH: a CIFAR archive or folder, SVHN .mat "
             f"files, or a class-per-folder image directory (add --download to fetch "
             f"CIFAR/SVHN). Run 'densenet train' alone for the offline quickstart.")
-    name = cfg.recipe.dataset if cfg.recipe.dataset in ("cifar10", "cifar100", "svhn") else None
-    return data_mod.open_dataset(cfg.data, download=cfg.download, name=name,
-                                 svhn_extra=cfg.recipe.svhn_extra)
+    r = cfg.recipe
+    name = r.dataset if r.dataset in ("cifar10", "cifar100", "svhn") else None
+    ds = data_mod.open_dataset(cfg.data, download=cfg.download, name=name,
+                               svhn_extra=r.svhn_extra, csv_options=options_from_fields(r))
+    if r.group_column and ds.groups is None:
+        raise UsageError(f"group_column {r.group_column!r} names a column of a CSV manifest, but "
+                         f"{cfg.data} is not one; leave out --set group_column.")
+    return ds
 
 
 def _normalisation(cfg: TrainConfig, ds) -> tuple[list[float], list[float]]:
@@ -223,10 +229,17 @@ class _Splits:
             if n_val >= len(train):
                 raise UsageError(f"val_size {r.val_size} leaves no training images ({len(train)} "
                                  f"in the data); use --set val_size=N with a smaller N, or 0.")
-            train_idx, val_idx = data_mod.holdout_split(len(train), n_val, cfg.seed)
+            if r.group_column:  # whole groups (patients) on one side, none on both
+                train_idx, val_idx = holdout_by_group(ds.groups, n_val, cfg.seed)
+                train_idx, val_idx = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
+            else:
+                train_idx, val_idx = data_mod.holdout_split(len(train), n_val, cfg.seed)
             train, val = train.subset(train_idx), train.subset(val_idx)
-            self.split_record = {"seed": cfg.seed, "val_size": n_val,
+            self.split_record = {"seed": cfg.seed, "val_size": len(val_idx),
                                  "val_indices": val_idx.tolist()}
+            if r.group_column:
+                self.split_record.update(group_column=r.group_column,
+                                         val_groups=sorted({ds.groups[i] for i in val_idx.tolist()}))
         self.train, self.val, self.test = train, val, ds.test
         self.mean, self.std = _normalisation(cfg, ds)
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world_size
