@@ -356,8 +356,10 @@ def _run_errors(run: dict) -> dict:
     if best_val is None:
         vals = [m["val_error"] for m in run["metrics"] if m.get("val_error") is not None]
         best_val = min(vals) if vals else None
+    aurocs = [m["val_auroc"] for m in run["metrics"] if m.get("val_auroc") is not None]
     return {"final_val_error": res.get("final_val_error", last_val), "best_val_error": best_val,
-            "test_error": res.get("test_error")}
+            "test_error": res.get("test_error"),
+            "best_val_auroc": res.get("best_val_auroc", max(aurocs) if aurocs else None)}
 
 
 def report(paths: Sequence[str | Path]) -> list[dict]:
@@ -397,6 +399,10 @@ def format_report(rows: list[dict], markdown: bool = False) -> str:
              "-" if r["params"] is None else f"{r['params']:,}", r["recipe"] or "-",
              str(r["epochs"] or "-"), pct(r["best_val_error"]), pct(r["test_error"]),
              pct(r["paper_error"]), signed(r["difference"])] for r in rows]
+    if any(r.get("best_val_auroc") is not None for r in rows):  # multi-label runs
+        header.insert(8, "best val AUROC")
+        for r, row in zip(rows, body):
+            row.insert(8, "-" if r.get("best_val_auroc") is None else f"{r['best_val_auroc']:.4f}")
     if markdown:
         lines = ["| " + " | ".join(header) + " |",
                  "|" + "|".join("---" if i < 2 or i == 5 else "---:" for i in range(len(header))) + "|"]

@@ -129,7 +129,7 @@ class ImageCAM:
     image: "PIL.Image.Image"  # as the model saw it (resized / centre-cropped), not normalised
     cam: torch.Tensor         # (H, W) in [0, 1], the size of ``image``
     class_name: str           # the class the map explains
-    probability: float        # its softmax probability
+    probability: float        # its softmax probability (a multi-label model's: its sigmoid)
 
     @property
     def caption(self) -> str:
@@ -178,6 +178,8 @@ def cam_for_images(loaded: Loaded, paths: Sequence[str | os.PathLike],
     mean = torch.tensor(pre.mean).view(-1, 1, 1)
     std = torch.tensor(pre.std).view(-1, 1, 1)
     model = loaded.model.to(device)
+    if loaded.multi_label:
+        return _multilabel_cams(loaded, model, paths, tensors, names, target, mean, std, device)
     out = []
     for i in range(0, len(tensors), batch_size):
         x = torch.stack(tensors[i:i + batch_size])
@@ -185,6 +187,28 @@ def cam_for_images(loaded: Loaded, paths: Sequence[str | os.PathLike],
         for j, c in enumerate(classes.tolist()):
             out.append(ImageCAM(str(paths[i + j]), _to_pil(x[j] * std + mean), cams[j].cpu(),
                                 names[c], float(probs[j, c])))
+    return out
+
+
+def _multilabel_cams(loaded, model, paths, tensors, names, target, mean, std, device) -> list[ImageCAM]:
+    """A multi-label model: the map of label ``target`` in every image, or without one a map
+    per label over its threshold in each image (the most probable label where none is); the
+    caption's probability is the label's sigmoid."""
+    thresholds = loaded.thresholds or [0.5] * len(names)
+    out = []
+    for path, t in zip(paths, tensors):
+        x = t[None].to(device)
+        with torch.no_grad():
+            probs = model.eval()(x).float().sigmoid()[0]
+        if target is not None:
+            labels = [target]
+        else:
+            labels = [c for c, (p, th) in enumerate(zip(probs.tolist(), thresholds)) if p >= th]
+            labels = labels or [int(probs.argmax())]
+        cams = grad_cam(model, x.expand(len(labels), -1, -1, -1), torch.tensor(labels)).cams
+        image = _to_pil(t * std + mean)
+        out += [ImageCAM(str(path), image, cams[k].cpu(), names[c], float(probs[c]))
+                for k, c in enumerate(labels)]
     return out
 
 

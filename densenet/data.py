@@ -92,6 +92,14 @@ class Dataset:
     def small(self) -> bool:
         return isinstance(self.train, ImageTensors)
 
+    @property
+    def multi_label(self) -> bool:
+        """Several labels per image: labels are float (N, L) rows of 0/1, NaN where an entry is
+        not counted (``classes`` then names the labels)."""
+        if self.small:
+            return self.train.labels.dim() == 2
+        return bool(self.train.samples) and isinstance(self.train.samples[0][1], np.ndarray)
+
     def channel_stats(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and std of the training images on the [0, 1] scale (large images:
         the standard ImageNet values)."""
@@ -464,13 +472,11 @@ def _open_csv(path: Path, cache: Path, options: dict) -> Dataset:
     images decoded into the cache like a folder's, large ones read by the file loader."""
     from .labels import read_csv
     table = read_csv(path, **options)
-    if table.multi_label:
-        raise UsageError(
-            f"{path} has {len(table.names)} label columns ({', '.join(table.names[:6])}"
-            f"{', ...' if len(table.names) > 6 else ''}): a multi-label manifest. Training reads "
-            f"single-label manifests (an image path column and one class column); to train on one "
-            f"of these labels, give a CSV with that column alone.")
-    samples = [(Path(p), int(y)) for p, y in zip(table.paths, table.targets)]
+    if table.multi_label:  # float rows, NaN where the mask leaves an entry out
+        rows = np.where(table.mask, table.targets, np.nan).astype(np.float32)
+        samples = [(Path(p), row) for p, row in zip(table.paths, rows)]
+    else:
+        samples = [(Path(p), int(y)) for p, y in zip(table.paths, table.targets)]
     groups = None if table.groups is None else list(table.groups)
     size = _image_size(samples[0][0])
     if max(size) > SMALL_MAX_SIZE:
@@ -479,9 +485,11 @@ def _open_csv(path: Path, cache: Path, options: dict) -> Dataset:
     stamps = [_file_stamps([path])] + [[str(p), *_stat(p)] for p, _ in samples]
 
     def build() -> Dataset:
-        ds = _decode_folder(list(table.names), {"train": samples})
-        ds.name, ds.groups = "csv", groups
-        return ds
+        images = torch.from_numpy(_decode_all([str(p) for p, _ in samples])).permute(0, 3, 1, 2)
+        labels = (torch.from_numpy(np.stack([y for _, y in samples])) if table.multi_label
+                  else torch.tensor([y for _, y in samples], dtype=torch.int64))
+        return Dataset(name="csv", classes=list(table.names), val=None, test=None,
+                       train=ImageTensors(images.contiguous(), labels), groups=groups)
     return _cached(cache, "csv", path, options, stamps, build)
 
 

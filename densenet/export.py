@@ -46,9 +46,14 @@ class Difference(NamedTuple):
 
 
 def metadata(loaded: Loaded) -> dict:
-    return {"model": loaded.name, "classes": loaded.classes, "preprocess": loaded.preprocess,
+    meta = {"model": loaded.name, "classes": loaded.classes, "preprocess": loaded.preprocess,
             "input": "images: float32 (N, 3, H, W), normalised with preprocess mean/std",
             "output": "logits: float32 (N, num_classes)"}
+    if loaded.multi_label:  # a sigmoid per label, and the threshold where each says "yes"
+        meta.update(task="multi-label", thresholds=loaded.thresholds,
+                    output="logits: float32 (N, num_labels); sigmoid(logit) is the label's "
+                    "probability, positive where it is >= thresholds[label]")
+    return meta
 
 
 def export(loaded: Loaded, fmt: str, out: str | os.PathLike, tolerance: float | None = None,

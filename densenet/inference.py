@@ -16,9 +16,10 @@ import torch
 
 from . import data as data_mod
 from .errors import UsageError
-from .metrics import evaluate_batches, evaluate_ten_crop
+from .metrics import evaluate_batches, evaluate_ten_crop, predict_multilabel
 from .model import DenseNet, create_model, model_info
 from .labels import options_from_fields
+from .multilabel import label_metrics, require_sklearn
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, as_record, to_rgb
 from .rundir import load_checkpoint, read_file, resolve_checkpoint_path
 from .weights import extract_state_dict, load_strict
@@ -49,6 +50,12 @@ class Loaded:
     classes: list[str] | None  # label index -> class name; None for foreign weights
     pre: Preprocess            # how training made its inputs (docs/run-directory.md)
     csv_options: dict | None = None  # how training read a CSV manifest (densenet.labels.read_csv)
+    thresholds: list[float] | None = None  # multi-label: each label's "yes" threshold (validation)
+    task: str = "single-label"       # or "multi-label": a sigmoid per class name (label)
+
+    @property
+    def multi_label(self) -> bool:
+        return self.task == "multi-label"
 
     @property
     def preprocess(self) -> dict:
@@ -80,7 +87,8 @@ def load_for_inference(source: str | None = None, *, weights: str | None = None,
     config = payload.get("config")
     return Loaded(_for_inference(net), payload["model"]["name"], str(path),
                   [str(c) for c in classes] if classes is not None else None, pre,
-                  options_from_fields(config) if isinstance(config, dict) else None)
+                  options_from_fields(config) if isinstance(config, dict) else None,
+                  payload.get("thresholds"), payload.get("task", "single-label"))
 
 
 def _load_foreign(weights: str, name: str) -> Loaded:
@@ -184,6 +192,16 @@ def predict(loaded: Loaded, images: Iterable[str | Path], topk: int = 5,
     model = loaded.model.to(device).eval()
     k = min(topk, num_classes)
     out = []
+    if loaded.multi_label:  # every label's probability, and whether it passes its threshold
+        thresholds = loaded.thresholds or [0.5] * num_classes
+        with torch.no_grad():
+            for i in range(0, len(tensors), batch_size):
+                probs = model(torch.stack(tensors[i:i + batch_size]).to(device)).float().sigmoid()
+                for j, row in enumerate(probs.tolist()):
+                    out.append({"image": str(paths[i + j]), "labels": [
+                        {"label": n, "probability": q, "threshold": t, "positive": q >= t}
+                        for n, q, t in zip(names, row, thresholds)]})
+        return out
     with torch.no_grad():
         for i in range(0, len(tensors), batch_size):
             x = torch.stack(tensors[i:i + batch_size]).to(device)
@@ -261,6 +279,8 @@ def evaluate(loaded: Loaded, data: str, split: str | None = None, ten_crop: bool
     split, part = _pick_split(ds, split)
     device = torch.device(device)
     model = loaded.model.to(device).eval()
+    if loaded.multi_label or ds.multi_label:
+        return _evaluate_multilabel(loaded, ds, data, split, part, batch_size, device, workers)
     mapping = class_index_map(ds.classes, loaded.classes, model.classifier.out_features, loaded.source)
     pre = loaded.pre
     if ds.small != (pre.kind == "small"):
@@ -301,11 +321,57 @@ def evaluate(loaded: Loaded, data: str, split: str | None = None, ten_crop: bool
     return result
 
 
+def _evaluate_multilabel(loaded: Loaded, ds, data, split, part, batch_size, device, workers) -> dict:
+    """Per-label AUROC, AP, and F1 / sensitivity / specificity at the checkpoint's thresholds,
+    labels matched by name (the data may list them in another order, or only some)."""
+    if not (loaded.multi_label and ds.multi_label):
+        what = "multi-label" if loaded.multi_label else "single-label"
+        raise UsageError(f"{loaded.source} is a {what} model but {data} holds "
+                         f"{'multi' if ds.multi_label else 'single'}-label data; evaluate it on "
+                         f"data like its training data.")
+    require_sklearn()
+    where = {n: i for i, n in enumerate(loaded.classes)}
+    unknown = [n for n in ds.classes if n not in where]
+    if unknown:
+        raise UsageError(f"{data} has label(s) {', '.join(unknown)} that {loaded.source} was not "
+                         f"trained on (its labels: {', '.join(loaded.classes)}).")
+    cols = [where[n] for n in ds.classes]
+    pre = loaded.pre
+    if ds.small:
+        loader = data_mod.DeviceLoader(part.to(device), batch_size or 500, preprocess=pre)
+    else:
+        loader = data_mod.make_file_loader(part, batch_size or 100, train=False, preprocess=pre,
+                                           workers=workers)
+    out = predict_multilabel(loaded.model, loader, device)
+    probs, targets = out["probs"][:, cols], out["targets"]
+    thresholds = [(loaded.thresholds or [0.5] * len(where))[c] for c in cols]
+    metrics = label_metrics(probs, torch.nan_to_num(targets), ~torch.isnan(targets), ds.classes,
+                            thresholds)
+    return {"model": loaded.name, "checkpoint": loaded.source, "data": str(data),
+            "dataset": ds.name, "split": split, "n": len(part), "task": "multi-label", **metrics}
+
+
 def format_result(r: dict) -> str:
+    if r.get("task") == "multi-label":
+        return _format_multilabel(r)
     lines = [f"{r['model']} ({r['checkpoint']}) on {r['dataset']} {r['split']}: {r['n']:,} images",
              f"{'protocol':<12} {'top-1 err':>10} {'top-5 err':>10}"]
     for key, label in (("single_crop", "single crop"), ("ten_crop", "10-crop")):
         if key in r:
             lines.append(f"{label:<12} {100 * r[key]['top1_error']:>9.2f}% "
                          f"{100 * r[key]['top5_error']:>9.2f}%")
+    return "\n".join(lines)
+
+
+def _format_multilabel(r: dict) -> str:
+    def num(v, pct=False):
+        return "-" if v is None else (f"{100 * v:.1f}%" if pct else f"{v:.4f}")
+    lines = [f"{r['model']} ({r['checkpoint']}) on {r['dataset']} {r['split']}: {r['n']:,} images",
+             f"{'label':<24} {'AUROC':>7} {'AP':>7} {'thresh':>7} {'F1':>7} {'sens':>7} {'spec':>7} "
+             f"{'pos':>6} {'neg':>6}"]
+    for name, m in r["labels"].items():
+        lines.append(f"{name[:24]:<24} {num(m['auroc']):>7} {num(m['ap']):>7} {num(m.get('threshold')):>7} "
+                     f"{num(m.get('f1')):>7} {num(m.get('sensitivity'), True):>7} "
+                     f"{num(m.get('specificity'), True):>7} {m['positives']:>6} {m['negatives']:>6}")
+    lines.append(f"mean AUROC {num(r['mean_auroc'])} (labels with both classes present; '-': undefined)")
     return "\n".join(lines)

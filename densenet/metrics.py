@@ -85,3 +85,36 @@ def evaluate_ten_crop(model: torch.nn.Module, batches: Iterable, device: torch.d
     single, ten = ({"top1_error": s[1] / total, "top5_error": s[2] / total, "loss": s[0] / total}
                    for s in (sums["single"], sums["ten"]))
     return single, ten
+
+
+@torch.no_grad()
+def predict_multilabel(model: torch.nn.Module, batches: Iterable, device: torch.device,
+                       amp: str | None = None, objective=None) -> dict:
+    """Sigmoid probabilities of a multi-label model over ``(x, y)`` batches (``y`` float rows of
+    0/1, NaN where not counted): ``probs`` and ``targets`` (N, L) on the CPU, the mean loss of
+    ``objective`` (a :class:`densenet.objectives.MultiLabelBCE`) over the batches' counted
+    entries, and the fraction of images with a counted label on the wrong side of 0.5."""
+    was_training = model.training
+    model.eval()
+    probs, targets, loss_sum, counted, wrong = [], [], 0.0, 0, 0
+    try:
+        for x, y in batches:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast(device, amp):
+                logits = model(x)
+            logits = logits.float()
+            if objective is not None:
+                loss, batch_wrong = objective(logits, y)
+                n = int((~torch.isnan(y)).sum())
+                loss_sum += loss.item() * n
+                counted += n
+                wrong += int(batch_wrong)
+            probs.append(logits.sigmoid().cpu())
+            targets.append(y.float().cpu())
+    finally:
+        model.train(was_training)
+    if not probs:
+        return {"probs": None, "targets": None, "loss": None, "error": None, "n": 0}
+    p, t = torch.cat(probs), torch.cat(targets)
+    return {"probs": p, "targets": t, "loss": loss_sum / counted if counted else None,
+            "error": wrong / len(p) if objective is not None else None, "n": len(p)}

@@ -49,15 +49,23 @@ def _series(metrics: Sequence[dict], key: str, scale: float = 1.0) -> tuple[list
 
 def plot_curves(runs: Sequence[tuple[str, Sequence[dict]]], out_path: str | os.PathLike,
                 figsize: tuple[float, float] = CURVES_SIZE) -> None:
-    """Loss (left) and error in % (right) against epoch; solid = train, dashed = validation.
+    """Loss (left) and error in % (right) against epoch; solid = train, dashed = validation;
+    for multi-label runs (rows with ``val_auroc``) a third panel of mean validation AUROC.
 
     ``runs`` is a list of ``(label, metrics)`` with ``metrics`` the rows of ``metrics.jsonl``
     (errors as fractions; ``val_loss``/``val_error`` may be null).
     """
-    fig = _figure(figsize)
-    ax_loss, ax_err = fig.subplots(1, 2)
+    multi = any(m.get("val_auroc") is not None for _, metrics in runs for m in metrics)
+    fig = _figure(figsize if not multi else (figsize[0] * 1.5, figsize[1]))
+    axes = fig.subplots(1, 3 if multi else 2)
+    ax_loss, ax_err = axes[0], axes[1]
     colors = [f"C{i % 10}" for i in range(len(runs))]
     for (label, metrics), color in zip(runs, colors):
+        if multi:  # multi-label runs: mean validation AUROC, what picks their best epoch
+            xs, ys = _series(metrics, "val_auroc", 1.0)
+            if xs:
+                axes[2].plot(xs, ys, color=color, linestyle="--", marker="." if len(xs) < 30 else None,
+                             label=f"{label} validation")
         for ax, key, scale in ((ax_loss, "loss", 1.0), (ax_err, "error", 100.0)):
             xs, ys = _series(metrics, f"train_{key}", scale)
             if xs:
@@ -67,9 +75,14 @@ def plot_curves(runs: Sequence[tuple[str, Sequence[dict]]], out_path: str | os.P
             if xs:
                 ax.plot(xs, ys, color=color, linestyle="--", marker="." if len(xs) < 30 else None,
                         label=f"{label} validation")
-    ax_loss.set(xlabel="epoch", ylabel="loss (cross-entropy)", title="Loss")
-    ax_err.set(xlabel="epoch", ylabel="top-1 error (%)", title="Error")
-    for ax in (ax_loss, ax_err):
+    if multi:
+        ax_loss.set(xlabel="epoch", ylabel="loss (binary cross-entropy)", title="Loss")
+        ax_err.set(xlabel="epoch", ylabel="images with a wrong label (%)", title="Error")
+        axes[2].set(xlabel="epoch", ylabel="mean AUROC", title="Mean AUROC")
+    else:
+        ax_loss.set(xlabel="epoch", ylabel="loss (cross-entropy)", title="Loss")
+        ax_err.set(xlabel="epoch", ylabel="top-1 error (%)", title="Error")
+    for ax in axes:
         ax.grid(True, alpha=0.3)
         if ax.lines:
             ax.legend(fontsize="small")

@@ -47,6 +47,9 @@ class Recipe:
     uncertain: str = "ignore"       # -1 cells: "ignore" (masked), "ones" or "zeros" (CheXpert's U-*)
     blank: str = "negative"         # blank cells: "negative" or "ignore"
     group_column: str = ""          # hold out whole groups (e.g. "Patient ID") for validation
+    # multi-label data (several labels per image): binary cross-entropy per label
+    pos_weight: str = "none"        # "auto": each label's positives weighted negatives / positives
+    threshold_rule: str = "f1"      # per-label thresholds on the hold-out: "f1" (max F1) or "youden"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -198,6 +201,10 @@ def validate_recipe(r: Recipe) -> Recipe:
         bad("uncertain", f"must be ignore, ones or zeros, got {r.uncertain!r}")
     if r.blank not in ("negative", "ignore"):
         bad("blank", f"must be negative or ignore, got {r.blank!r}")
+    if r.pos_weight not in ("none", "auto"):
+        bad("pos_weight", f"must be none or auto, got {r.pos_weight!r}")
+    if r.threshold_rule not in ("f1", "youden"):
+        bad("threshold_rule", f"must be f1 or youden, got {r.threshold_rule!r}")
     if r.input_size < 8:
         bad("input_size", f"must be at least 8, got {r.input_size}")
     return r

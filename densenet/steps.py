@@ -25,10 +25,10 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from .devices import autocast
 from .errors import UsageError
+from .objectives import CrossEntropy
 
 
 class Step(Protocol):
@@ -42,17 +42,20 @@ class Step(Protocol):
 
 
 class EagerStep:
-    """The ordinary step: forward (under bf16 autocast if asked), cross-entropy, backward, the
-    optimizer's update. Full batches go through ``model`` (compiled, or wrapped in DDP); a batch
+    """The ordinary step: forward (under bf16 autocast if asked), the loss (``objective``,
+    default cross-entropy with ``label_smoothing``), backward, the optimizer's update. Full
+    batches go through ``model`` (compiled, or wrapped in DDP); a batch
     of another size (the epoch's smaller last one) through ``eager_model``, the same module
     uncompiled, so ``torch.compile`` never compiles it again for that shape."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  device: torch.device, batch_size: int, amp: str | None = None,
-                 label_smoothing: float = 0.0, eager_model: torch.nn.Module | None = None):
+                 label_smoothing: float = 0.0, eager_model: torch.nn.Module | None = None,
+                 objective=None):
         self.model, self.optimizer, self.device, self.amp = model, optimizer, device, amp
         self.eager_model = model if eager_model is None else eager_model
-        self.batch_size, self.label_smoothing = batch_size, label_smoothing
+        self.batch_size = batch_size
+        self.objective = CrossEntropy(label_smoothing) if objective is None else objective
 
     def set_lr(self) -> None:
         """Nothing to do: the optimizer reads its groups' rates at every step."""
@@ -60,12 +63,11 @@ class EagerStep:
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model if x.shape[0] == self.batch_size else self.eager_model
         with autocast(self.device, self.amp):
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+            loss, wrong = self.objective(model(x), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return loss.detach(), (logits.argmax(1) != y).sum()
+        return loss.detach(), wrong
 
 
 @torch.no_grad()
@@ -126,14 +128,15 @@ class GraphedStep:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.SGD, device: torch.device,
                  batch_size: int, amp: str | None = None, label_smoothing: float = 0.0,
-                 warmup: int = 3, capture: bool = True):
+                 warmup: int = 3, capture: bool = True, objective=None):
         if type(optimizer) is not torch.optim.SGD:
             raise ValueError("GraphedStep steps torch.optim.SGD only.")
         if capture and device.type != "cuda":
             raise ValueError("GraphedStep(capture=True) needs a CUDA device.")
         self.model, self.optimizer, self.device, self.amp = model, optimizer, device, amp
         self.batch_size = batch_size
-        self.label_smoothing, self.warmup, self.capture = label_smoothing, max(1, warmup), capture
+        self.warmup, self.capture = max(1, warmup), capture
+        self.objective = CrossEntropy(label_smoothing) if objective is None else objective
         self.lrs = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=device)
                     for g in optimizer.param_groups]
         self.graph = None
@@ -147,26 +150,24 @@ class GraphedStep:
 
     def _forward_loss(self, x, y, cache: bool):
         with autocast(self.device, self.amp, cache):
-            logits = self.model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
-        return logits, loss
+            return self.objective(self.model(x), y)
 
     def _eager(self, x, y):
         """An ordinary step with torch's SGD; in place on gradients that the graph owns."""
         self.optimizer.zero_grad(set_to_none=self.static is None)
-        logits, loss = self._forward_loss(x, y, cache=True)
+        loss, wrong = self._forward_loss(x, y, cache=True)
         loss.backward()
         self.optimizer.step()
         self.eager_steps += 1
-        return loss.detach(), (logits.argmax(1) != y).sum()
+        return loss.detach(), wrong
 
     def _static_step(self):
         x, y = self.static[0], self.static[1]
-        logits, loss = self._forward_loss(x, y, cache=False)
+        loss, wrong = self._forward_loss(x, y, cache=False)
         loss.backward()
         sgd_update(self.optimizer, self.lrs)
         self.static[2].copy_(loss.detach())
-        self.static[3].copy_((logits.argmax(1) != y).sum())
+        self.static[3].copy_(wrong)
 
     def _make_static(self, x, y) -> None:
         self.static = [x.clone(), y.clone(), torch.zeros((), device=self.device),

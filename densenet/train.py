@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
@@ -23,7 +24,9 @@ from .devices import resolve_device
 from .distributed import (World, all_reduce_sum, barrier, convert_sync_batchnorm,
                           gather_objects, init_from_env)
 from .errors import UsageError
-from .metrics import evaluate_batches
+from .metrics import evaluate_batches, predict_multilabel
+from .multilabel import auto_pos_weight, choose_thresholds, label_metrics, require_sklearn
+from .objectives import CrossEntropy, MultiLabelBCE
 from .model import count_macs, count_parameters, create_model, model_info
 from .ops import release_buffers
 from .labels import holdout_by_group, options_from_fields
@@ -424,6 +427,31 @@ class _Run:
         self.optimizer = None  # made once the weights are in (which parts are pretrained)
         self.state = TrainState()
         self.logs = Logs()
+        self.multi_label = ds.multi_label
+        self.thresholds = None  # multi-label: per-label thresholds chosen on the last validation
+        self.objective = self._objective()
+
+    def _objective(self):
+        """Softmax cross-entropy, or for multi-label data the masked binary cross-entropy with
+        the recipe's positive weights (``pos_weight=auto``: negatives / positives of each label
+        in the training split, CheXNet's weighted loss)."""
+        r = self.recipe
+        if not self.multi_label:
+            return CrossEntropy(r.label_smoothing)
+        require_sklearn()  # the validation metrics need it: fail before any training
+        if r.label_smoothing:
+            raise UsageError("label_smoothing is for one class per image; multi-label data trains "
+                             "with binary cross-entropy. Use --set label_smoothing=0.")
+        pos_weight = None
+        if r.pos_weight == "auto":
+            labels = self.splits.train.labels if self.ds.small else torch.from_numpy(
+                np.stack([y for _, y in self.splits.train.samples]))
+            labels = labels.cpu()
+            pos_weight = auto_pos_weight(torch.nan_to_num(labels), ~torch.isnan(labels))
+            self.log.info("pos_weight (negatives / positives per label): " + ", ".join(
+                f"{n} {w:.2f}" for n, w in zip(self.ds.classes, pos_weight.tolist())))
+            pos_weight = pos_weight.to(self.device)
+        return MultiLabelBCE(pos_weight)
 
     def fit(self, checkpoint: dict | None, resumed: bool) -> dict:
         """Train from the start (``checkpoint`` None) or from a checkpoint to the last epoch or
@@ -502,6 +530,7 @@ class _Run:
     def _restore(self, checkpoint: dict) -> None:
         state = TrainState.from_dict(checkpoint, str(self.run_dir / "last.pt"))
         self.net.load_state_dict(checkpoint["state_dict"])
+        self.thresholds = checkpoint.get("thresholds")
         self.state = replace(state, optimizer=None, rng=None)  # both live in their owners
         self._make_optimizer()
         self.optimizer.load_state_dict(state.optimizer)
@@ -545,9 +574,9 @@ class _Run:
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.cuda_graph:
             return GraphedStep(model, self.optimizer, self.device, batch_size, amp=cfg.amp,
-                               label_smoothing=r.label_smoothing)
+                               objective=self.objective)
         return EagerStep(torch.compile(model) if cfg.compile else model, self.optimizer,
-                         self.device, batch_size, amp=cfg.amp, label_smoothing=r.label_smoothing,
+                         self.device, batch_size, amp=cfg.amp, objective=self.objective,
                          eager_model=model)
 
     # --------------------------------------------------------------------- one epoch
@@ -626,27 +655,45 @@ class _Run:
         unread.clear()
 
     def _validate(self, loader) -> dict:
-        """Validation loss and error (on the first process; None without a hold-out)."""
+        """Validation loss and error (on the first process; None without a hold-out); for
+        multi-label data also the mean AUROC, and the thresholds chosen on it."""
         val = {"loss": None, "error": None}
+        out = {}
         if loader is not None and self.world.is_main:
             # the efficient ops pool large CPU buffers for the next batch of the same size:
             # training's are idle during validation, and validation's until the next one
             release_buffers()
-            val = evaluate_batches(self.net, loader, self.device, self.cfg.amp)
+            if self.multi_label:
+                val = predict_multilabel(self.net, loader, self.device, self.cfg.amp, self.objective)
+                mask = ~torch.isnan(val["targets"])
+                targets = torch.nan_to_num(val["targets"])
+                self.thresholds = choose_thresholds(val["probs"], targets, mask, self.recipe.threshold_rule)
+                out["val_auroc"] = label_metrics(val["probs"], targets, mask, self.ds.classes)["mean_auroc"]
+            else:
+                val = evaluate_batches(self.net, loader, self.device, self.cfg.amp)
             release_buffers()
-        return {"val_loss": val["loss"], "val_error": val["error"]}
+        elif self.multi_label:
+            out["val_auroc"] = None
+        return {"val_loss": val["loss"], "val_error": val["error"], **out}
 
     def _end_epoch(self, row: dict, has_validation: bool) -> None:
         """Record the epoch: history, best epoch, logs, checkpoints, metrics.jsonl, curves."""
         state, epoch = self.state, row["epoch"]
-        row = {k: row[k] for k in ("epoch", "train_loss", "train_error", "val_loss", "val_error",
-                                   "lr", "images_per_s", "seconds")}
+        keys = ("epoch", "train_loss", "train_error", "val_loss", "val_error")
+        keys += ("val_auroc",) * self.multi_label + ("lr", "images_per_s", "seconds")
+        row = {k: row[k] for k in keys}
         state.history.append(row)
         state.epoch, state.step_in_epoch = epoch, 0
-        err = row["val_error"]
-        improved = err is not None and (state.best["val_error"] is None or err < state.best["val_error"])
+        if self.multi_label:  # the best epoch has the highest mean validation AUROC
+            auroc = row["val_auroc"]
+            improved = auroc is not None and (state.best.get("val_auroc") is None
+                                              or auroc > state.best["val_auroc"])
+        else:
+            err = row["val_error"]
+            improved = err is not None and (state.best["val_error"] is None or err < state.best["val_error"])
         if improved:
-            state.best = {"val_error": err, "epoch": epoch}
+            state.best = {"val_error": row["val_error"], "epoch": epoch,
+                          **({"val_auroc": row["val_auroc"]} if self.multi_label else {})}
         # before the checkpoint: a resume from the one before hides these steps in TensorBoard
         self.logs.epoch(state.step, row)
         # without validation data, best = latest
@@ -668,6 +715,8 @@ class _Run:
                        "state_dict": self.net.state_dict(), "classes": list(self.ds.classes),
                        "preprocess": self.splits.preprocess(), "config": self.cfg.to_dict(),
                        "params": self.params, **state.to_dict()}
+            if self.multi_label:  # sigmoid outputs, one per label, and where each says "yes"
+                payload.update(task="multi-label", thresholds=self.thresholds)
             for name in names:
                 _save(self.run_dir / name, payload)
         barrier()
@@ -691,7 +740,7 @@ class _Run:
         """Test the final (or best) model, write result.json and say how it went."""
         r, splits, net = self.recipe, self.splits, self.net
         test = {"error": None, "top5_error": None}
-        if complete and splits.test is not None:
+        if complete and splits.test is not None and not self.multi_label:
             if r.selection == "best" and (self.run_dir / "best.pt").exists():
                 net.load_state_dict(load_checkpoint(self.run_dir / "best.pt")["state_dict"])
             release_buffers()  # training's, as before validation
@@ -703,6 +752,7 @@ class _Run:
             "epochs": len(history), "complete": complete,
             "final_val_error": history[-1]["val_error"] if history else None,
             "best_val_error": best["val_error"], "best_epoch": best["epoch"],
+            **({"task": "multi-label", "best_val_auroc": best.get("val_auroc")} if self.multi_label else {}),
             "test_error": test["error"], "test_top5_error": test.get("top5_error"),
             "selection": r.selection,
             "wall_time_s": time.time() - self.start_time,
@@ -834,6 +884,8 @@ def _logger(run_dir: Path, main: bool = True) -> logging.Logger:
 def _epoch_line(row: dict, epochs: int) -> str:
     val = (f"val loss {row['val_loss']:.4f} err {100 * row['val_error']:.2f}%"
            if row["val_error"] is not None else "no validation")
+    if row.get("val_auroc") is not None:
+        val += f" mean AUROC {row['val_auroc']:.4f}"
     return (f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f} err "
             f"{100 * row['train_error']:.2f}%, {val}, lr {row['lr']:.4g}, "
             f"{row['images_per_s']:.0f} img/s, {row['seconds']:.1f} s")
@@ -841,7 +893,10 @@ def _epoch_line(row: dict, epochs: int) -> str:
 
 def _done_line(result: dict, test_images: int) -> str:
     parts = []
-    if result["best_val_error"] is not None:
+    if result.get("best_val_auroc") is not None:
+        parts.append(f"best mean validation AUROC {result['best_val_auroc']:.4f} "
+                     f"(epoch {result['best_epoch']})")
+    elif result["best_val_error"] is not None:
         parts.append(f"best validation error {100 * result['best_val_error']:.2f}% "
                      f"(epoch {result['best_epoch']})")
     if result["test_error"] is not None:

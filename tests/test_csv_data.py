@@ -5,6 +5,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from densenet import data as data_mod
 from densenet.errors import UsageError
@@ -76,12 +77,20 @@ def test_a_group_column_without_a_csv_is_refused(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_multi_label_csv_is_refused_by_training_naming_its_labels(tmp_path):
-    root = make_folder_data(tmp_path / "images", per_class=2)
-    rows = [[f"images/cat/{i:03d}.png", 1, 0] for i in range(2)]
+def test_a_multi_label_csv_opens_as_label_rows_with_nan_where_not_counted(tmp_path):
+    make_folder_data(tmp_path / "images", per_class=3)
+    rows = [["images/cat/000.png", 1, 0], ["images/cat/001.png", -1, 1], ["images/cat/002.png", "", 1]]
     csv_path = write_csv(tmp_path / "labels.csv", ["Path", "Effusion", "Edema"], rows)
-    with pytest.raises(UsageError, match=r"2 label columns \(Effusion, Edema\): a multi-label"):
-        data_mod.open_dataset(csv_path, cache_dir=tmp_path / "cache")
+    ds = data_mod.open_dataset(csv_path, cache_dir=tmp_path / "cache")
+    assert ds.multi_label and ds.classes == ["Effusion", "Edema"]
+    nan = float("nan")
+    expected = torch.tensor([[1.0, 0.0], [nan, 1.0], [0.0, 1.0]])  # -1 ignored, blank negative
+    assert torch.equal(ds.train.labels.isnan(), expected.isnan())
+    assert torch.equal(torch.nan_to_num(ds.train.labels), torch.nan_to_num(expected))
+    ones = data_mod.open_dataset(csv_path, cache_dir=tmp_path / "cache",
+                                 csv_options={"uncertain": "ones", "blank": "ignore"})
+    assert torch.equal(ones.train.labels.isnan(), torch.tensor([[False, False], [False, False], [True, False]]))
+    assert ones.train.labels[1, 0] == 1
 
 
 def test_the_csv_fields_are_checked_like_every_recipe_field(manifest, tmp_path):

@@ -29,12 +29,17 @@ def _cmd_predict(args) -> int:
     loaded = load_for_inference(args.source, weights=args.weights, model=args.model)
     results = predict(loaded, args.images, args.topk, device=resolve_device(args.device))
     if args.json:
-        print(json.dumps([{"image": r["image"], "top": [{"class": c, "probability": p}
-                                                        for c, p in r["top"]]} for r in results],
-                         indent=2))
+        print(json.dumps([r if "labels" in r else
+                          {"image": r["image"], "top": [{"class": c, "probability": p} for c, p in r["top"]]}
+                          for r in results], indent=2))
         return 0
     for r in results:
         print(r["image"])
+        if "labels" in r:  # multi-label: every label, "*" where it passes its threshold
+            for m in r["labels"]:
+                print(f"  {m['probability']:7.4f} {'*' if m['positive'] else ' '} {m['label']} "
+                      f"(threshold {m['threshold']:.3f})")
+            continue
         for name, p in r["top"]:
             print(f"  {p:7.4f}  {name}")
     return 0
