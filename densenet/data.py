@@ -735,12 +735,13 @@ class _FileLoader(torch.utils.data.DataLoader):
 def make_file_loader(data: ImageFiles, batch_size: int, *, train: bool,
                      preprocess: Preprocess | None = None, mean=None, std=None,
                      input_size: int = 224, resize: int | None = None, workers: int = 4,
-                     seed: int = 0, rank: int = 0, world_size: int = 1
-                     ) -> torch.utils.data.DataLoader:
+                     seed: int = 0, rank: int = 0, world_size: int = 1,
+                     crop: str = "random-resized") -> torch.utils.data.DataLoader:
     """A DataLoader over image files with the transforms of ``preprocess`` (an "imagenet"
     ``Preprocess``; or one made from ``mean``, ``std``, ``input_size`` and ``resize``):
     training = RandomResizedCrop(input_size) + horizontal flip (the scale and aspect
-    augmentation of fb.resnet.torch); evaluation = Resize(resize) + CenterCrop(input_size),
+    augmentation of fb.resnet.torch; ``crop="center"``: the evaluation's crop + a flip);
+    evaluation = Resize(resize) + CenterCrop(input_size),
     exactly what predict applies to a file. Call ``set_epoch`` each epoch for a reproducible
     order (sharded by rank like ``DeviceLoader``)."""
     if preprocess is None:
@@ -749,7 +750,7 @@ def make_file_loader(data: ImageFiles, batch_size: int, *, train: bool,
         preprocess = Preprocess.files(input_size, mean, std, resize=resize)
     elif mean is not None or std is not None or resize is not None:
         raise TypeError("make_file_loader takes preprocess or mean/std/input_size/resize, not both")
-    transform = preprocess.train_transform() if train else preprocess.eval_transform()
+    transform = preprocess.train_transform(crop) if train else preprocess.eval_transform()
     sampler = _EpochSampler(len(data), train, seed, rank, world_size)
     loader = _FileLoader(_FileDataset(data.samples, transform, preprocess.convert),
                          batch_size=batch_size,

@@ -213,16 +213,20 @@ class Preprocess:
         return T.Compose([_Convert(self.mode), T.Resize(self.resize),
                           T.CenterCrop(self.input_size), *tensor])
 
-    def train_transform(self):
+    def train_transform(self, crop: str = "random-resized"):
         """PIL image (any mode) -> augmented normalised tensor for training on image files:
         RandomResizedCrop(input_size) + horizontal flip (fb.resnet.torch's scale and aspect
-        augmentation). Small images are augmented a batch at a time on the device instead
-        (``data.DeviceLoader``)."""
+        augmentation), or with ``crop="center"`` the evaluation's Resize + CenterCrop and a
+        horizontal flip (CheXNet's augmentation). Small images are augmented a batch at a time
+        on the device instead (``data.DeviceLoader``)."""
         from torchvision import transforms as T
         if self.kind != "imagenet":
             raise UsageError("small images are augmented on the device a batch at a time "
                              "(data.DeviceLoader); a per-image training transform is for image "
                              "files (kind 'imagenet').")
+        if crop == "center":
+            return T.Compose([_Convert(self.mode), T.Resize(self.resize), T.CenterCrop(self.input_size),
+                              T.RandomHorizontalFlip(), *self._to_tensor()])
         return T.Compose([_Convert(self.mode), T.RandomResizedCrop(self.input_size),
                           T.RandomHorizontalFlip(), *self._to_tensor()])
 

@@ -35,8 +35,11 @@ class Recipe:
     selection: str = "final"        # model tested: "final" epoch or "best" validation error
     svhn_extra: bool = True         # SVHN: train + extra = 604,388 images
     input_size: int = 32            # large images: crop size; small ones fed to an ImageNet-stem model are upscaled to it
-    optimizer: str = "sgd"          # "sgd" (the paper's) or "adamw"
-    schedule: str = "step"          # "step" (lr x lr_gamma at lr_milestones) or "cosine" (to 0)
+    optimizer: str = "sgd"          # "sgd" (the paper's), "adamw" or "adam"
+    schedule: str = "step"          # "step" (lr x lr_gamma at lr_milestones), "cosine" (to 0) or
+                                    # "plateau" (lr x lr_gamma when the validation loss stalls)
+    plateau_patience: int = 0       # "plateau": epochs without improvement tolerated before a cut
+    train_crop: str = "random-resized"  # image files: "random-resized" crops or "center" (Resize + CenterCrop, as evaluated)
     label_smoothing: float = 0.0    # cross-entropy label smoothing
     pretrained_lr_scale: float = 1.0  # lr multiplier for the weights --weights loads (a new head keeps lr)
     # CSV manifests (--data labels.csv; densenet.labels.read_csv): "" means the default
@@ -104,6 +107,18 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            "densenet121", None, epochs=20, batch_size=32, lr=0.03, schedule="cosine",
            label_smoothing=0.1, pretrained_lr_scale=1.0, augment=True, normalize="imagenet",
            val_size=0.1, selection="best", input_size=224),
+    # CheXNet (Rajpurkar et al. 2017): an ImageNet DenseNet-121 (--weights) with one sigmoid
+    # output per finding on chest X-rays: 224 px, ImageNet normalisation, random horizontal
+    # flips, Adam (0.9, 0.999) at lr 1e-3 divided by 10 each time the validation loss plateaus
+    # after an epoch, batch 16, binary cross-entropy weighted by label frequency. The epoch
+    # count is not in the paper (20 here); the best epoch by mean validation AUROC is kept.
+    Recipe("chexnet", "CheXNet (Rajpurkar et al. 2017): multi-label CSV data, DenseNet-121 from "
+           "--weights, 224 px, flips, Adam lr 1e-3 /10 on validation-loss plateaus, batch 16, "
+           "weighted BCE, best epoch by mean AUROC",
+           "densenet121", None, epochs=20, batch_size=16, lr=1e-3, optimizer="adam",
+           weight_decay=0.0, nesterov=False, schedule="plateau", plateau_patience=0,
+           augment=True, train_crop="center", normalize="imagenet", val_size=0.1,
+           selection="best", input_size=224, pos_weight="auto"),
 ]}
 
 
@@ -185,10 +200,14 @@ def validate_recipe(r: Recipe) -> Recipe:
         bad("lr_milestones", f"are fractions of the epochs in (0, 1], got {r.lr_milestones}")
     if not math.isfinite(r.val_size) or r.val_size < 0 or (r.val_size >= 1 and r.val_size != int(r.val_size)):
         bad("val_size", f"must be a count >= 0 or a fraction in (0, 1), got {r.val_size}")
-    if r.optimizer not in ("sgd", "adamw"):
-        bad("optimizer", f"must be sgd or adamw, got {r.optimizer!r}")
-    if r.schedule not in ("step", "cosine"):
-        bad("schedule", f"must be step or cosine, got {r.schedule!r}")
+    if r.optimizer not in ("sgd", "adamw", "adam"):
+        bad("optimizer", f"must be sgd, adamw or adam, got {r.optimizer!r}")
+    if r.schedule not in ("step", "cosine", "plateau"):
+        bad("schedule", f"must be step, cosine or plateau, got {r.schedule!r}")
+    if r.plateau_patience < 0:
+        bad("plateau_patience", f"must be at least 0, got {r.plateau_patience}")
+    if r.train_crop not in ("random-resized", "center"):
+        bad("train_crop", f"must be random-resized or center, got {r.train_crop!r}")
     if not math.isfinite(r.label_smoothing) or not 0 <= r.label_smoothing < 1:
         bad("label_smoothing", f"must be in [0, 1), got {r.label_smoothing}")
     if not math.isfinite(r.pretrained_lr_scale) or r.pretrained_lr_scale < 0:

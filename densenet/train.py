@@ -181,11 +181,16 @@ def _validate_run_fields(cfg: TrainConfig) -> None:
                          "--weights FILE (without weights every run starts with a new one).")
 
 
-def learning_rate(recipe: Recipe, epoch: int) -> float:
+def learning_rate(recipe: Recipe, epoch: int, history: list[dict] | None = None) -> float:
     """The learning rate of 0-based ``epoch``: the step schedule, lr * gamma^(number of
-    milestones passed), or the cosine one, lr * (1 + cos(pi * epoch / epochs)) / 2."""
+    milestones passed), the cosine one, lr * (1 + cos(pi * epoch / epochs)) / 2, or "plateau":
+    lr * gamma^(plateaus of the validation loss in ``history``, the rows of the epochs before),
+    so a resumed run recomputes it from its metrics."""
     if recipe.schedule == "cosine":
         return recipe.lr * 0.5 * (1 + math.cos(math.pi * epoch / recipe.epochs))
+    if recipe.schedule == "plateau":
+        losses = [row["val_loss"] for row in (history or [])[:epoch]]
+        return recipe.lr * recipe.lr_gamma ** plateaus(losses, recipe.plateau_patience)
     passed = sum(epoch >= m for m in recipe.milestone_epochs())
     return recipe.lr * recipe.lr_gamma ** passed
 
@@ -204,6 +209,10 @@ def _load_data(cfg: TrainConfig):
     name = r.dataset if r.dataset in ("cifar10", "cifar100", "svhn") else None
     ds = data_mod.open_dataset(cfg.data, download=cfg.download, name=name,
                                svhn_extra=r.svhn_extra, csv_options=options_from_fields(r))
+    if r.schedule == "plateau" and ds.val is None and r.val_size == 0:
+        raise UsageError("the plateau schedule cuts the learning rate when the validation loss "
+                         "stalls, and this run has no validation data; hold some out with --set "
+                         "val_size=0.1 (a fraction or a count), or use --set schedule=step.")
     if r.group_column and ds.groups is None:
         raise UsageError(f"group_column {r.group_column!r} names a column of a CSV manifest, but "
                          f"{cfg.data} is not one; leave out --set group_column.")
@@ -268,7 +277,7 @@ class _Splits:
                                          world_size=self.world if train else 1,
                                          drop_last=False, channels_last=cfg.channels_last)
         return data_mod.make_file_loader(part, r.batch_size // self.world if train else 100,
-                                         train=train, preprocess=pre,
+                                         train=train, preprocess=pre, crop=r.train_crop,
                                          workers=cfg.workers, seed=cfg.seed,
                                          rank=self.rank if train else 0,
                                          world_size=self.world if train else 1)
@@ -286,6 +295,23 @@ class _Splits:
     def preprocess(self) -> dict:
         """The record as a checkpoint's ``preprocess`` dict."""
         return self.record().to_dict()
+
+
+def plateaus(losses: list[float | None], patience: int) -> int:
+    """How many times ``torch.optim.lr_scheduler.ReduceLROnPlateau`` (mode "min", relative
+    threshold 1e-4, no cooldown) would have cut the rate after these epoch losses: once a
+    loss has not improved on the best for more than ``patience`` epochs in a row."""
+    best, bad, cuts = math.inf, 0, 0
+    for loss in losses:
+        if loss is None:
+            continue
+        if loss < best * (1 - 1e-4):
+            best, bad = loss, 0
+        else:
+            bad += 1
+        if bad > patience:
+            cuts, bad = cuts + 1, 0
+    return cuts
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -559,6 +585,9 @@ class _Run:
         groups = [g for g in groups if g["params"]]
         if r.optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(groups, lr=r.lr, weight_decay=r.weight_decay)
+        elif r.optimizer == "adam":  # betas (0.9, 0.999), as CheXNet
+            self.optimizer = torch.optim.Adam(groups, lr=r.lr, betas=(0.9, 0.999),
+                                              weight_decay=r.weight_decay)
         else:
             self.optimizer = torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum,
                                              nesterov=r.nesterov, weight_decay=r.weight_decay)
@@ -589,7 +618,7 @@ class _Run:
         ``READ_EVERY`` steps and at the end (:meth:`_read`), so the host runs ahead of the
         device in between; every loss of the epoch is checked before any checkpoint of it."""
         cfg, device, state = self.cfg, self.device, self.state
-        lr = learning_rate(self.recipe, epoch)
+        lr = learning_rate(self.recipe, epoch, self.state.history)
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g["lr_scale"]
         step.set_lr()

@@ -233,8 +233,8 @@ def test_mistakes_are_clear_errors(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         _finetune(tmp_path, data, "r3", tmp_path / "nowhere.pth")
     assert not (tmp_path / "r3").exists()  # checked before the run directory is made
-    with pytest.raises(UsageError, match="recipe field optimizer must be sgd or adamw"):
-        _finetune(tmp_path, data, "r4", tmp_path / "tv121.pth", set_fields={"optimizer": "adam"})
+    with pytest.raises(UsageError, match="recipe field optimizer must be sgd, adamw or adam"):
+        _finetune(tmp_path, data, "r4", tmp_path / "tv121.pth", set_fields={"optimizer": "rmsprop"})
     with pytest.raises(UsageError, match="val_size must be a count or a fraction below 1"):
         _finetune(tmp_path, data, "r5", tmp_path / "tv121.pth", set_fields={"val_size": "1.5"})
 

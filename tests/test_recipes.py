@@ -7,7 +7,8 @@ from densenet.train import learning_rate, make_config
 
 
 def test_all_paper_recipes_exist():
-    assert set(RECIPES) == {"c10", "c10+", "c100", "c100+", "svhn", "imagenet", "quickstart", "finetune"}
+    assert set(RECIPES) == {"c10", "c10+", "c100", "c100+", "svhn", "imagenet", "quickstart", "finetune",
+                            "chexnet"}
 
 
 @pytest.mark.parametrize("name", ["c10", "c10+", "c100", "c100+"])
