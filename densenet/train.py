@@ -203,7 +203,7 @@ def _load_data(cfg: TrainConfig):
     if cfg.data is None:
         raise UsageError(
             f"recipe {cfg.recipe.name!r} needs --data PATH: a CIFAR archive or folder, SVHN .mat "
-            f"files, or a class-per-folder image directory (add --download to fetch "
+            f"files, a class-per-folder image directory or a CSV manifest (add --download to fetch "
             f"CIFAR/SVHN). Run 'densenet train' alone for the offline quickstart.")
     r = cfg.recipe
     name = r.dataset if r.dataset in ("cifar10", "cifar100", "svhn") else None

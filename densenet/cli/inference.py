@@ -52,7 +52,7 @@ def register(sub) -> None:
                        "may be in any order. Large images: Resize + CenterCrop, and with "
                        "--ten-crop the paper's 10-crop (softmax averaged).")
     add_weights_source(p)
-    p.add_argument("--data", required=True, help="CIFAR archive/folder, SVHN folder or class folders")
+    p.add_argument("--data", required=True, help="CIFAR archive/folder, SVHN folder, class folders or a CSV manifest")
     p.add_argument("--split", choices=SPLITS,
                    help="which part to evaluate (default: test, else val, else all images)")
     p.add_argument("--ten-crop", action="store_true",

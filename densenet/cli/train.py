@@ -116,7 +116,8 @@ def register(sub) -> None:
     p.add_argument("--model", help="model name (densenet list: 'densenet models'); default: the recipe's")
     p.add_argument("--recipe", help="c10, c10+, c100, c100+, svhn, imagenet, finetune or quickstart "
                    "(the default)")
-    p.add_argument("--data", help="data path: CIFAR archive/folder, SVHN .mat folder, or class folders")
+    p.add_argument("--data", help="data path: CIFAR archive/folder, SVHN .mat folder, class "
+                   "folders, or a CSV manifest (a path column and class or label columns)")
     p.add_argument("--download", action="store_true", help="fetch CIFAR/SVHN into --data if missing")
     p.add_argument("--out", help="run directory (default: runs/RECIPE-MODEL-TIME)")
     p.add_argument("--weights", metavar="FILE_OR_RUN",
