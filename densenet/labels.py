@@ -393,7 +393,7 @@ def holdout_by_group(groups: Sequence, val_size: int, seed: int) -> tuple[np.nda
     return np.flatnonzero(~in_val).astype(np.int64), np.flatnonzero(in_val).astype(np.int64)
 
 
-CSV_FIELDS = ("path_column", "label_columns", "labels_column", "none_value", "uncertain", "blank",
+CSV_FIELDS = ("path_column", "image_root", "label_columns", "labels_column", "none_value", "uncertain", "blank",
               "group_column")
 
 
@@ -404,7 +404,8 @@ def options_from_fields(fields) -> dict:
     the fields (written before they existed) gives the defaults."""
     get = fields.get if isinstance(fields, dict) else (lambda k, d=None: getattr(fields, k, d))
     columns = [c.strip() for c in (get("label_columns") or "").split(",") if c.strip()]
-    return {"path_column": get("path_column") or None, "label_columns": columns or None,
+    return {"path_column": get("path_column") or None, "image_root": get("image_root") or None,
+            "label_columns": columns or None,
             "labels_column": get("labels_column") or None,
             "none_value": get("none_value", "No Finding"), "uncertain": get("uncertain", "ignore"),
             "blank": get("blank", "negative"), "group_column": get("group_column") or None}

@@ -44,6 +44,7 @@ class Recipe:
     pretrained_lr_scale: float = 1.0  # lr multiplier for the weights --weights loads (a new head keeps lr)
     # CSV manifests (--data labels.csv; densenet.labels.read_csv): "" means the default
     path_column: str = ""           # the image path column ("": path, Path or Image Index)
+    image_root: str = ""            # relative image paths resolve here ("": the CSV's folder)
     label_columns: str = ""         # comma-separated label (or class) columns ("": every other column)
     labels_column: str = ""         # one column of separated label names ("": Finding Labels if present)
     none_value: str = "No Finding"  # in that column: no positive label

@@ -107,3 +107,27 @@ def test_label_columns_picks_the_class_column_from_the_command_line(manifest, tm
     loaded = load_for_inference(str(tmp_path / "run"))
     assert loaded.classes == ["cat", "dog", "frog"] and loaded.csv_options["label_columns"] == ["finding"]
     assert evaluate(loaded, str(csv_path))["n"] == 36
+
+
+def test_image_root_from_the_command_line_for_train_and_eval(tmp_path, capsys):
+    from densenet.cli import main
+    make_folder_data(tmp_path / "elsewhere" / "images", per_class=4)
+    rows = [[f"images/{c}/{i:03d}.png", c] for c in ("cat", "dog", "frog") for i in range(4)]
+    (tmp_path / "lists").mkdir()
+    csv_path = write_csv(tmp_path / "lists" / "labels.csv", ["path", "finding"], rows)
+    with pytest.raises(UsageError, match="1 of the 12 images listed are missing|12 of the 12 images"):
+        data_mod.open_dataset(csv_path, cache_dir=tmp_path / "cache")
+    run = tmp_path / "run"
+    assert main(["train", "--model", TINY, "--recipe", "c10+", "--data", str(csv_path), "--epochs", "1",
+                 "--set", "val_size=0", "--image-root", str(tmp_path / "elsewhere"), "--quiet",
+                 "--out", str(run)]) == 0
+    assert json.loads((run / "config.json").read_text())["image_root"] == str(tmp_path / "elsewhere")
+    capsys.readouterr()  # the run's log
+    assert main(["eval", str(run), "--data", str(csv_path), "--json"]) == 0  # training's root
+    assert json.loads(capsys.readouterr().out)["n"] == 12
+    other = tmp_path / "copy"
+    make_folder_data(other / "images", per_class=4)
+    assert main(["eval", str(run), "--data", str(csv_path), "--image-root", str(other), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 12
+    assert main(["train", "--resume", str(run), "--image-root", str(other)]) == 2
+    assert "--image-root cannot change on --resume" in capsys.readouterr().err

@@ -163,3 +163,19 @@ def test_report_shows_the_auroc_and_export_records_labels_and_thresholds(trained
     assert meta["thresholds"] == loaded.thresholds and "sigmoid" in meta["output"]
     out = export(loaded, "exported-program", tmp_path / "shapes.pt2")
     assert out["ok"], out
+
+
+def test_fine_tuning_options_work_for_multi_label_runs(trained, tmp_path):
+    root, _ = trained
+    data = make_shapes(tmp_path / "more", 48, seed=6)
+    before = load_checkpoint(root / "run" / "best.pt")["state_dict"]
+    result = train(TINY, "c10+", str(data), str(tmp_path / "run"), weights=str(root / "run"),
+                   freeze="features", epochs=1, batch_size=16, quiet=True,
+                   set_fields={"val_size": "16", "augment": "false", "optimizer": "adamw"})
+    after = load_checkpoint(tmp_path / "run" / "last.pt")["state_dict"]
+    assert result["task"] == "multi-label"
+    assert torch.equal(before["features.conv0.weight"], after["features.conv0.weight"])  # frozen
+    assert not torch.equal(before["classifier.weight"], after["classifier.weight"])  # trained
+    loaded = load_for_inference(str(tmp_path / "run"))
+    (r,) = predict(loaded, [root / "train" / "img" / "0000.png"])
+    assert [m["threshold"] for m in r["labels"]] == loaded.thresholds  # the stored ones

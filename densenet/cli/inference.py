@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from ..devices import resolve_device
 from ..inference import SPLITS, evaluate, format_result, load_for_inference, predict
@@ -13,6 +14,9 @@ from .types import (DEVICES, add_image_source, add_weights_source, images_and_so
 
 def _cmd_eval(args) -> int:
     loaded = load_for_inference(args.source, weights=args.weights, model=args.model)
+    if args.image_root:  # the test CSV's images live elsewhere than the training CSV's
+        loaded = replace(loaded, csv_options={**(loaded.csv_options or {}),
+                                              "image_root": args.image_root})
     result = evaluate(loaded, args.data, args.split, args.ten_crop, args.batch_size,
                       resolve_device(args.device), args.workers)
     if args.json == "-":
@@ -53,6 +57,9 @@ def register(sub) -> None:
                        "--ten-crop the paper's 10-crop (softmax averaged).")
     add_weights_source(p)
     p.add_argument("--data", required=True, help="CIFAR archive/folder, SVHN folder, class folders or a CSV manifest")
+    p.add_argument("--image-root", metavar="DIR",
+                   help="a CSV manifest's relative image paths resolve here (default: the CSV's "
+                   "folder)")
     p.add_argument("--split", choices=SPLITS,
                    help="which part to evaluate (default: test, else val, else all images)")
     p.add_argument("--ten-crop", action="store_true",

@@ -71,6 +71,11 @@ def _cmd_train(args) -> int:
     # only what was given: the defaults are TrainConfig's, and --resume tells given from not
     options = {k: getattr(args, k) for k in RUN_OPTIONS if _given(args, k)}
     set_fields = parse_set(args.set)
+    if args.image_root:
+        if args.resume:
+            raise UsageError("--image-root cannot change on --resume: the run reads its CSV as it "
+                             "started (its config.json has image_root).")
+        set_fields["image_root"] = str(Path(args.image_root).expanduser().resolve())
     if args.nproc:
         if args.nproc > 1 and not (args.out or args.resume):
             raise UsageError("give --out RUN_DIR with --nproc, so that every process writes to "
@@ -119,6 +124,9 @@ def register(sub) -> None:
     p.add_argument("--data", help="data path: CIFAR archive/folder, SVHN .mat folder, class "
                    "folders, or a CSV manifest (a path column and class or label columns)")
     p.add_argument("--download", action="store_true", help="fetch CIFAR/SVHN into --data if missing")
+    p.add_argument("--image-root", metavar="DIR",
+                   help="a CSV manifest's relative image paths resolve here (default: the CSV's "
+                   "folder)")
     p.add_argument("--out", help="run directory (default: runs/RECIPE-MODEL-TIME)")
     p.add_argument("--weights", metavar="FILE_OR_RUN",
                    help="start from these weights: a torchvision or timm DenseNet file, a densenet "
