@@ -54,8 +54,32 @@ def load_weights_into(model: torch.nn.Module, path: str | os.PathLike) -> None:
     load_strict(model, read_state_dict(path), path)
 
 
+def adapt_input_channels(state: dict[str, torch.Tensor], in_channels: int, key: str) -> dict:
+    """``state`` with the first convolution (``key``, (out, c, kh, kw)) made to take
+    ``in_channels`` channels: for one channel its input channels are summed (a grey image
+    replicated to c channels then gives the same output), otherwise they are repeated
+    cyclically and scaled by c / in_channels (the total weight over the input channels keeps
+    its size). The state is returned unchanged when the counts agree."""
+    w = state[key]
+    c = w.shape[1]
+    if c == in_channels:
+        return state
+    if in_channels == 1:
+        new = w.sum(1, keepdim=True)
+    else:
+        new = w[:, torch.arange(in_channels) % c] * (c / in_channels)
+    return {**state, key: new.contiguous()}
+
+
 def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source) -> None:
-    """``model.load_state_dict(state, strict=True)``; a mismatch names ``source`` and the keys."""
+    """``model.load_state_dict(state, strict=True)``; a mismatch names ``source`` and the keys.
+    Only the first convolution's input channels may differ: weights for 3-channel images load
+    into a model of ``in_channels`` 1 (or any other count) by :func:`adapt_input_channels`."""
+    own = model.state_dict()
+    for key in ("features.conv0.weight", "conv0.weight"):
+        if key in state and key in own and state[key].dim() == 4 and own[key].dim() == 4 \
+                and state[key].shape[0] == own[key].shape[0] and state[key].shape[2:] == own[key].shape[2:]:
+            state = adapt_input_channels(state, own[key].shape[1], key)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -222,3 +222,25 @@ def test_any_valid_cifar_shape_can_be_named():
     assert count_parameters(create_model("densenet_bc100_k12")) == 769_162
     with pytest.raises(ValueError, match="valid depths"):
         create_model("densenet_bc41_k12")
+
+
+def test_weights_for_rgb_load_into_a_one_channel_model_by_summing_the_first_convolution(tmp_path):
+    """A grey image through the 1-channel model = the same image replicated to RGB through the
+    3-channel model (conv0's input channels summed); other counts repeat and scale them."""
+    from densenet import create_model
+    torch.manual_seed(0)
+    rgb = create_model("densenet121", num_classes=5, block_config=(2, 2, 2, 2))
+    rgb.train()(torch.randn(4, 3, 64, 64))  # BN statistics of real scale
+    rgb.eval()
+    torch.save(rgb.state_dict(), tmp_path / "rgb.pth")
+    grey = create_model("densenet121", num_classes=5, block_config=(2, 2, 2, 2), in_channels=1,
+                        weights=str(tmp_path / "rgb.pth")).eval()
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        want, got = rgb(x.expand(-1, 3, -1, -1)), grey(x)
+    assert (got - want).abs().max() / want.abs().max() < 1e-5
+    w = rgb.state_dict()["features.conv0.weight"]
+    torch.testing.assert_close(grey.state_dict()["features.conv0.weight"], w.sum(1, keepdim=True))
+    four = create_model("densenet121", num_classes=5, block_config=(2, 2, 2, 2), in_channels=4,
+                        weights=str(tmp_path / "rgb.pth"))
+    torch.testing.assert_close(four.state_dict()["features.conv0.weight"], w[:, [0, 1, 2, 0]] * 0.75)
