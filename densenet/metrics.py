@@ -12,26 +12,32 @@ import torch.nn.functional as F
 from .devices import autocast
 
 
-@torch.no_grad()
-def evaluate_batches(model: torch.nn.Module, batches: Iterable, device: torch.device,
-                     amp: str | None = None) -> dict:
-    """Mean loss, top-1 and top-5 error (fractions) over ``(x, y)`` batches."""
+def _outputs(model: torch.nn.Module, batches: Iterable, device: torch.device, amp: str | None):
+    """(float32 logits, labels) of each ``(x, y)`` batch on ``device``, the model in evaluation
+    mode meanwhile (and back in its own mode after). Call under ``torch.no_grad()``."""
     was_training = model.training
     model.eval()
-    total, loss_sum, wrong1, wrong5 = 0, 0.0, 0, 0
     try:
         for x, y in batches:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device, amp):
                 logits = model(x)
-            logits = logits.float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            wrong1 += (top[:, 0] != y).sum().item()
-            wrong5 += (~(top == y[:, None]).any(dim=1)).sum().item()
-            total += y.numel()
+            yield logits.float(), y
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def evaluate_batches(model: torch.nn.Module, batches: Iterable, device: torch.device,
+                     amp: str | None = None) -> dict:
+    """Mean loss, top-1 and top-5 error (fractions) over ``(x, y)`` batches."""
+    total, loss_sum, wrong1, wrong5 = 0, 0.0, 0, 0
+    for logits, y in _outputs(model, batches, device, amp):
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        wrong1 += (top[:, 0] != y).sum().item()
+        wrong5 += (~(top == y[:, None]).any(dim=1)).sum().item()
+        total += y.numel()
     if total == 0:
         return {"loss": None, "error": None, "top5_error": None, "n": 0}
     return {"loss": loss_sum / total, "error": wrong1 / total, "top5_error": wrong5 / total,
@@ -94,25 +100,16 @@ def predict_multilabel(model: torch.nn.Module, batches: Iterable, device: torch.
     0/1, NaN where not counted): ``probs`` and ``targets`` (N, L) on the CPU, the mean loss of
     ``objective`` (a :class:`densenet.objectives.MultiLabelBCE`) over the batches' counted
     entries, and the fraction of images with a counted label on the wrong side of 0.5."""
-    was_training = model.training
-    model.eval()
     probs, targets, loss_sum, counted, wrong = [], [], 0.0, 0, 0
-    try:
-        for x, y in batches:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(device, amp):
-                logits = model(x)
-            logits = logits.float()
-            if objective is not None:
-                loss, batch_wrong = objective(logits, y)
-                n = int((~torch.isnan(y)).sum())
-                loss_sum += loss.item() * n
-                counted += n
-                wrong += int(batch_wrong)
-            probs.append(logits.sigmoid().cpu())
-            targets.append(y.float().cpu())
-    finally:
-        model.train(was_training)
+    for logits, y in _outputs(model, batches, device, amp):
+        if objective is not None:
+            loss, batch_wrong = objective(logits, y)
+            n = int((~torch.isnan(y)).sum())
+            loss_sum += loss.item() * n
+            counted += n
+            wrong += int(batch_wrong)
+        probs.append(logits.sigmoid().cpu())
+        targets.append(y.float().cpu())
     if not probs:
         return {"probs": None, "targets": None, "loss": None, "error": None, "n": 0}
     p, t = torch.cat(probs), torch.cat(targets)
