@@ -72,3 +72,18 @@ def test_the_plateau_schedule_needs_validation_data(tmp_path):
         train(TINY, "c10+", str(root), str(tmp_path / "run"), epochs=1, quiet=True,
               set_fields={"schedule": "plateau", "val_size": "0"})
     assert not (tmp_path / "run").exists()
+
+
+def test_a_stopped_multi_label_chexnet_run_resumes_to_the_same_weights_and_thresholds(tmp_path):
+    data = make_shapes(tmp_path / "d", 64, seed=0, uncertain_every=5)
+    kw = dict(epochs=3, quiet=True, seed=0, set_fields={"val_size": "16"})
+    train(TINY, "chexnet", str(data), str(tmp_path / "whole"), **kw)
+    train(TINY, "chexnet", str(data), str(tmp_path / "stopped"), max_steps=4, **kw)  # mid-epoch 2
+    train(resume=str(tmp_path / "stopped"))
+    a, b = (load_checkpoint(tmp_path / r / "last.pt") for r in ("whole", "stopped"))
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert a["thresholds"] == b["thresholds"]
+    # validation and the schedule alike (the stopped epoch's training means cover only the
+    # steps run after the resume)
+    kept = ("epoch", "val_loss", "val_error", "val_auroc", "lr")
+    assert [{k: r[k] for k in kept} for r in a["history"]] == [{k: r[k] for k in kept} for r in b["history"]]
