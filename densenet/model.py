@@ -28,6 +28,13 @@ __all__ = ["DenseNet", "DenseNetFeatures", "FeatureInfo", "create_model", "list_
            "densenet_cifar"]
 
 IMPLEMENTATIONS = ("efficient", "reference")
+SPATIAL_DIMS = (1, 2, 3)
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_AVG_POOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+_MAX_POOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
+_GLOBAL_POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
 
 
 class DenseLayer(nn.Module):
@@ -38,20 +45,21 @@ class DenseLayer(nn.Module):
     """
 
     def __init__(self, in_channels: int, growth_rate: int, bottleneck: bool, bn_size: int,
-                 drop_rate: float):
+                 drop_rate: float, spatial_dims: int = 2):
         super().__init__()
+        conv, norm = _CONV[spatial_dims], _NORM[spatial_dims]
         self.bottleneck = bottleneck
         self.drop_rate = float(drop_rate)
-        self.norm1 = nn.BatchNorm2d(in_channels)
+        self.norm1 = norm(in_channels)
         self.relu1 = nn.ReLU()
         if bottleneck:
             inner = bn_size * growth_rate
-            self.conv1 = nn.Conv2d(in_channels, inner, kernel_size=1, bias=False)
-            self.norm2 = nn.BatchNorm2d(inner)
+            self.conv1 = conv(in_channels, inner, kernel_size=1, bias=False)
+            self.norm2 = norm(inner)
             self.relu2 = nn.ReLU()
-            self.conv2 = nn.Conv2d(inner, growth_rate, kernel_size=3, padding=1, bias=False)
+            self.conv2 = conv(inner, growth_rate, kernel_size=3, padding=1, bias=False)
         else:
-            self.conv1 = nn.Conv2d(in_channels, growth_rate, kernel_size=3, padding=1, bias=False)
+            self.conv1 = conv(in_channels, growth_rate, kernel_size=3, padding=1, bias=False)
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         # The paper drops after every convolution but the network's first (section 4.2).
@@ -91,8 +99,10 @@ class DenseLayer(nn.Module):
         ops.note_structure_change()
 
     # Old checkpoints (PyTorch < 0.4, and torchvision's first weights) name these
-    # ``norm.1``/``relu.1``/``conv.1``; map them on load so any such file loads strictly.
-    _LEGACY_KEY = re.compile(r"^(norm|relu|conv)\.([12])\.(weight|bias|running_mean|running_var|num_batches_tracked)$")
+    # ``norm.1``/``relu.1``/``conv.1``, and MONAI's DenseNets ``layers.norm1``; map them on
+    # load so any such file loads strictly.
+    _LEGACY_KEY = re.compile(r"^(?:(norm|relu|conv)\.([12])|layers\.(norm|relu|conv)([12]))\."
+                             r"(weight|bias|running_mean|running_var|num_batches_tracked)$")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for key in list(state_dict.keys()):
@@ -100,7 +110,8 @@ class DenseLayer(nn.Module):
                 continue
             match = self._LEGACY_KEY.match(key[len(prefix):])
             if match:
-                new_key = prefix + match.group(1) + match.group(2) + "." + match.group(3)
+                part, index = (match.group(1), match.group(2)) if match.group(1) else match.group(3, 4)
+                new_key = prefix + part + index + "." + match.group(5)
                 state_dict[new_key] = state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -113,13 +124,13 @@ class DenseBlock(nn.ModuleDict):
     its input gradient."""
 
     def __init__(self, num_layers: int, in_channels: int, growth_rate: int, bottleneck: bool,
-                 bn_size: int, drop_rate: float):
+                 bn_size: int, drop_rate: float, spatial_dims: int = 2):
         super().__init__()
         self.in_channels = in_channels
         self.growth_rate = growth_rate
         for i in range(num_layers):
             layer = DenseLayer(in_channels + i * growth_rate, growth_rate, bottleneck, bn_size,
-                               drop_rate)
+                               drop_rate, spatial_dims)
             self.add_module(f"denselayer{i + 1}", layer)
 
     @property
@@ -142,16 +153,17 @@ class EfficientDenseBlock(DenseBlock):
 
 
 class Transition(nn.Sequential):
-    """BN-ReLU-Conv1x1 to floor(theta * m) maps - [dropout] - AvgPool 2x2/2."""
+    """BN-ReLU-Conv1x1 to floor(theta * m) maps - [dropout] - AvgPool 2x2/2 (2 or 2x2x2 in
+    1-D or 3-D)."""
 
-    def __init__(self, in_channels: int, out_channels: int, drop_rate: float):
+    def __init__(self, in_channels: int, out_channels: int, drop_rate: float, spatial_dims: int = 2):
         super().__init__()
-        self.norm = nn.BatchNorm2d(in_channels)
+        self.norm = _NORM[spatial_dims](in_channels)
         self.relu = nn.ReLU()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
+        self.conv = _CONV[spatial_dims](in_channels, out_channels, kernel_size=1, bias=False)
         if drop_rate > 0:
             self.drop = nn.Dropout(drop_rate)
-        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+        self.pool = _AVG_POOL[spatial_dims](kernel_size=2, stride=2)
 
 
 class EfficientTransition(Transition):
@@ -326,6 +338,9 @@ class DenseNet(_Trunk):
         stem: "cifar" (one 3x3 conv) or "imagenet" (7x7/2 conv, BN, ReLU, 3x3/2 max-pool).
         drop_rate: dropout after every convolution but the first.
         num_classes, in_channels: classifier outputs and image channels.
+        spatial_dims: 2 for images (N, C, H, W); 3 for volumes (N, C, D, H, W) and 1 for
+            signals (N, C, L): every convolution, BN and pooling then has that many spatial
+            dimensions (MONAI's ``spatial_dims``), with the same parameters per kernel position.
         implementation: "efficient" (the default: blocks and transitions as the registered
             ``densenet::`` ops, shared buffer, recomputed BN-ReLU) or "reference" (the plain
             modules, a concatenation per layer); both have the same parameters and state dict.
@@ -340,8 +355,11 @@ class DenseNet(_Trunk):
                  bottleneck: bool = True, bn_size: int = 4, compression: float = 0.5,
                  num_init_features: int | None = None, stem: str = "imagenet",
                  drop_rate: float = 0.0, num_classes: int = 1000, in_channels: int = 3,
-                 implementation: str = "efficient"):
+                 implementation: str = "efficient", spatial_dims: int = 2):
         super().__init__()
+        if isinstance(spatial_dims, bool) or spatial_dims not in SPATIAL_DIMS:
+            raise UsageError(f"spatial_dims must be 1, 2 or 3 (signals, images, volumes), got "
+                             f"{spatial_dims!r}.")
         _check_positive_int("growth_rate", growth_rate)
         _check_positive_int("bn_size", bn_size)
         _check_positive_int("num_classes", num_classes)
@@ -369,6 +387,8 @@ class DenseNet(_Trunk):
         self.drop_rate = float(drop_rate)
         self.stem = stem
         self.implementation = implementation
+        self.spatial_dims = d = spatial_dims
+        self.in_channels = in_channels
         block_cls, transition_cls = _CLASSES[implementation]
 
         taps = []  # (child the map is taken after, feature_info entry)
@@ -376,30 +396,30 @@ class DenseNet(_Trunk):
             taps.append(("relu0", dict(num_chs=num_init_features, reduction=2, module="features.norm0")))
             reduction = 4
             stem_layers = [
-                ("conv0", nn.Conv2d(in_channels, num_init_features, 7, stride=2, padding=3, bias=False)),
-                ("norm0", nn.BatchNorm2d(num_init_features)),
+                ("conv0", _CONV[d](in_channels, num_init_features, 7, stride=2, padding=3, bias=False)),
+                ("norm0", _NORM[d](num_init_features)),
                 ("relu0", nn.ReLU()),
-                ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
+                ("pool0", _MAX_POOL[d](kernel_size=3, stride=2, padding=1)),
             ]
         else:
             reduction = 1
-            stem_layers = [("conv0", nn.Conv2d(in_channels, num_init_features, 3, padding=1, bias=False))]
+            stem_layers = [("conv0", _CONV[d](in_channels, num_init_features, 3, padding=1, bias=False))]
         self.features = nn.Sequential(OrderedDict(stem_layers))
 
         channels = num_init_features
         for i, num_layers in enumerate(self.block_config):
-            block = block_cls(num_layers, channels, growth_rate, self.bottleneck, bn_size, drop_rate)
+            block = block_cls(num_layers, channels, growth_rate, self.bottleneck, bn_size, drop_rate, d)
             self.features.add_module(f"denseblock{i + 1}", block)
             channels = block.out_channels
             if i != len(self.block_config) - 1:
                 taps.append((f"denseblock{i + 1}", dict(num_chs=channels, reduction=reduction,
                                                         module=f"features.denseblock{i + 1}")))
                 out = int(self.compression * channels)  # floor(theta * m)
-                self.features.add_module(f"transition{i + 1}", transition_cls(channels, out, drop_rate))
+                self.features.add_module(f"transition{i + 1}", transition_cls(channels, out, drop_rate, d))
                 channels = out
                 reduction *= 2  # the transition's 2x2 average pooling
         # torchvision calls the final BN "norm5" whatever the number of blocks; keep its name.
-        self.features.add_module("norm5", nn.BatchNorm2d(channels))
+        self.features.add_module("norm5", _NORM[d](channels))
         taps.append(("norm5", dict(num_chs=channels, reduction=reduction, module="features.norm5")))
         self._tap_after = tuple(after for after, _ in taps)
         self.feature_info = FeatureInfo([info for _, info in taps])
@@ -411,16 +431,17 @@ class DenseNet(_Trunk):
         # The paper's Torch code (fb.resnet.torch) draws conv weights from N(0, 2/n) with
         # n = k*k*out_channels, i.e. He init in fan_out mode.
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, nn.modules.conv._ConvNd):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The final feature map, after the last BN and ReLU (N, num_features, H', W')."""
+        """The final feature map, after the last BN and ReLU (N, num_features, H', W'), with
+        one spatial dimension per ``spatial_dims``."""
         if self.implementation == "efficient":
             return ops.features_forward(self.features, x)
         return F.relu(self.features(x))
@@ -439,11 +460,18 @@ class DenseNet(_Trunk):
         return maps if intermediates_only else (final, maps)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        x = torch.flatten(_GLOBAL_POOL[self.spatial_dims](x, 1), 1)
         return x if pre_logits else self.classifier(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    # MONAI's DenseNets keep the classifier as ``class_layers.out``: map it on load.
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        head = prefix + "class_layers.out."
+        for key in [k for k in state_dict if k.startswith(head)]:
+            state_dict[prefix + "classifier." + key[len(head):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def get_classifier(self) -> nn.Module:
         return self.classifier
@@ -488,6 +516,8 @@ class DenseNetFeatures(_Trunk):
         self.out_indices = _take_indices(len(model.feature_info), out_indices, "out_indices")
         self.feature_info = model.feature_info.from_other(self.out_indices)
         self.implementation = model.implementation
+        self.spatial_dims = model.spatial_dims
+        self.in_channels = model.in_channels
         self._tap_after = model._tap_after
         self.features = model.features
         self.training = model.training
@@ -496,7 +526,7 @@ class DenseNetFeatures(_Trunk):
         return self._forward_taps(x, self.out_indices, to_end=False)[1]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for key in [k for k in state_dict if k.startswith(prefix + "classifier.")]:
+        for key in [k for k in state_dict if k.startswith((prefix + "classifier.", prefix + "class_layers."))]:
             del state_dict[key]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -625,13 +655,17 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_macs(model: nn.Module, input_size: int, in_channels: int = 3) -> int:
-    """Multiply-adds of one forward pass on one image (convolutions and linear layers), as the
-    architecture defines them: counted on the plain (reference) path, since the efficient one
-    computes the same function with fewer (its transitions pool before their 1x1 convolution)."""
+def count_macs(model: nn.Module, input_size: int, in_channels: int | None = None) -> int:
+    """Multiply-adds of one forward pass on one input of ``input_size`` a side in each of the
+    model's spatial dimensions (convolutions and linear layers), as the architecture defines
+    them: counted on the plain (reference) path, since the efficient one computes the same
+    function with fewer (its transitions pool before their 1x1 convolution)."""
     from torch.utils.flop_counter import FlopCounterMode
     p = next(model.parameters())
-    x = torch.zeros(1, in_channels, input_size, input_size, device=p.device, dtype=p.dtype)
+    dims = getattr(model, "spatial_dims", 2)
+    if in_channels is None:
+        in_channels = getattr(model, "in_channels", 3)
+    x = torch.zeros(1, in_channels, *[input_size] * dims, device=p.device, dtype=p.dtype)
     was_training = model.training
     implementation = getattr(model, "implementation", "reference")
     model.eval()

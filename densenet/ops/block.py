@@ -85,23 +85,35 @@ def _layer_stats(i, c_in, stats1, stats2, running, spec: BlockSpec):
     return mean1, rstd1, None, None
 
 
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _spatial_product(sizes) -> int:
+    out = 1
+    for s in sizes:
+        out *= s
+    return out
+
+
 def _scaled_mask(mask: torch.Tensor, drop_rate: float, dtype) -> torch.Tensor:
     """The noise F.dropout multiplies by, from its mask: 0 or 1/(1-p), in ``dtype``."""
     return mask.to(dtype).div_(1 - drop_rate)
 
 
 def forward(x, params, running, masks, spec: BlockSpec, save: bool) -> Saved:
-    """The block on ``x`` (N, C0, H, W): its output is ``buf`` (N, H, W, C0 + L*k). With
-    ``save``, the bottleneck outputs of every layer are kept for backward."""
-    n, c0, h, w = x.shape
+    """The block on ``x`` (N, C0, *spatial): its output is ``buf`` (N, *spatial, C0 + L*k). With
+    ``save``, the bottleneck outputs of every layer are kept for backward. Images, volumes and
+    signals alike: only the 3x3 convolution sees the spatial dimensions."""
+    n, c0, *sp = x.shape
+    conv = _CONV[len(sp)]
     k, eps, drop_rate, batch_stats = spec.growth_rate, spec.eps, spec.drop_rate, spec.batch_stats
     bottleneck, per = spec.bottleneck, spec.per_layer
     num = spec.num_layers(params)
     c_total = c0 + num * k
-    m = n * h * w
+    m = n * _spatial_product(sp)
     sd = rows.stat_dtype(x.dtype)
-    buf = buffers.huge_empty((n, h, w, c_total), x)
-    buf[..., :c0].copy_(x.permute(0, 2, 3, 1))
+    buf = buffers.huge_empty((n, *sp, c_total), x)
+    buf[..., :c0].copy_(x.permute(0, *range(2, x.dim()), 1))
     X = buf.view(m, c_total)
 
     stats1, stats2 = x.new_empty(0, dtype=sd), x.new_empty(0, dtype=sd)
@@ -140,7 +152,7 @@ def forward(x, params, running, masks, spec: BlockSpec, save: bool) -> Saved:
                 if state is not None:
                     col_stats_acc(y1[lo:hi], state)
             if layer_masks:
-                rows.nchw(y1, n, h, w).mul_(_scaled_mask(layer_masks[0], drop_rate, y1.dtype))
+                rows.nchw(y1, n, *sp).mul_(_scaled_mask(layer_masks[0], drop_rate, y1.dtype))
             if batch_stats:
                 mean2, var2 = (stats_from_state(state, sd) if state is not None
                                else col_stats(y1, eps))
@@ -148,10 +160,10 @@ def forward(x, params, running, masks, spec: BlockSpec, save: bool) -> Saved:
                 mean2, rstd2 = stats2[i, 0], torch.rsqrt(stats2[i, 1] + eps)
             scale2 = p[3] * rstd2
             bn_relu(y1, scale2, p[4] - mean2 * scale2, z2)
-            new = F.conv2d(rows.nchw(z2, n, h, w), p[5], padding=p[5].shape[-1] // 2)
+            new = conv(rows.nchw(z2, n, *sp), p[5], padding=p[5].shape[-1] // 2)
         else:
             z = bn_relu(X[:, :c_in], scale1, shift1, scratch[: m * c_in].view(m, c_in))
-            new = F.conv2d(rows.nchw(z, n, h, w), p[2], padding=p[2].shape[-1] // 2)
+            new = conv(rows.nchw(z, n, *sp), p[2], padding=p[2].shape[-1] // 2)
         if layer_masks:
             new = new * _scaled_mask(layer_masks[-1], drop_rate, new.dtype)
         new_rows = rows.rows(new)  # a view: the convolution's output is channels-last
@@ -167,8 +179,9 @@ def backward(grad, saved: Saved, params, running, masks, spec: BlockSpec,
     """[d input, d params...] of :func:`forward` from the gradient ``grad`` at its buffer; the
     input gradient in channels-last or contiguous format as ``channels_last`` says."""
     buf = saved.buf
-    n, h, w, c_total = buf.shape
-    m = n * h * w
+    n, *sp, c_total = buf.shape
+    nd = len(sp)
+    m = n * _spatial_product(sp)
     k, eps, drop_rate, batch_stats = spec.growth_rate, spec.eps, spec.drop_rate, spec.batch_stats
     bottleneck, per = spec.bottleneck, spec.per_layer
     num = spec.num_layers(params)
@@ -209,7 +222,7 @@ def backward(grad, saved: Saved, params, running, masks, spec: BlockSpec,
         c_in = c0 + i * k
         mean1, rstd1, mean2, rstd2 = _layer_stats(i, c_in, saved.stats1, saved.stats2, running, spec)
         # every consumer of layer i's maps is done: their gradient, contiguous for the conv
-        d_new = rows.nchw(finalize(c_in, c_in + k, seg), n, h, w)
+        d_new = rows.nchw(finalize(c_in, c_in + k, seg), n, *sp)
         if layer_masks:
             d_new = d_new * layer_masks[-1] / (1 - drop_rate)
         layer_grads = [None] * per
@@ -221,8 +234,8 @@ def backward(grad, saved: Saved, params, running, masks, spec: BlockSpec,
             bn_relu(y1, scale2, shift2, z2)
             pad = w2.shape[-1] // 2
             dz2, dw2, _ = torch.ops.aten.convolution_backward(
-                d_new, rows.nchw(z2, n, h, w), w2, None, [1, 1], [pad, pad],
-                [1, 1], False, [0, 0], 1, [True, True, False])
+                d_new, rows.nchw(z2, n, *sp), w2, None, [1] * nd, [pad] * nd,
+                [1] * nd, False, [0] * nd, 1, [True, True, False])
             dy1 = rows.rows(dz2)  # a view when dz2 is channels-last, else a copy
             sum_g, sum_xg = bn_relu_grad(y1, dy1, scale2, shift2, mean2, tmp=z2).to(sd)
             dg2 = sum_xg * rstd2
@@ -236,7 +249,7 @@ def backward(grad, saved: Saved, params, running, masks, spec: BlockSpec,
             apply2 = (scale2, shift2, mean2, a2, b2)
             if layer_masks:
                 bn_grad_apply(y1, dy1, *apply2, out=dy1, tmp=z2)
-                dy1 = rows.rows(rows.nchw(dy1, n, h, w) * layer_masks[0] / (1 - drop_rate))
+                dy1 = rows.rows(rows.nchw(dy1, n, *sp) * layer_masks[0] / (1 - drop_rate))
                 apply2 = None
         else:
             dy1, apply2 = d_new, None
@@ -265,7 +278,7 @@ def backward(grad, saved: Saved, params, running, masks, spec: BlockSpec,
             z = bn_relu(Xi, scale1, shift1, scratch[: m * c_in].view(m, c_in))
             pad = w1.shape[-1] // 2
             dg, dw1, _ = torch.ops.aten.convolution_backward(
-                dy1, rows.nchw(z, n, h, w), w1, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1,
+                dy1, rows.nchw(z, n, *sp), w1, None, [1] * nd, [pad] * nd, [1] * nd, False, [0] * nd, 1,
                 [True, True, False])
             g = gscratch[: m * c_in].view(m, c_in)
             g.copy_(rows.rows(dg))
@@ -278,16 +291,16 @@ def backward(grad, saved: Saved, params, running, masks, spec: BlockSpec,
             corr_b[:c_in].add_(scale1 * dgamma / m)
         grads = layer_grads + grads
     finalize(0, c0, dX[:, :c0])
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    dx = dbuf[..., :c0].permute(0, 3, 1, 2).contiguous(memory_format=fmt)
+    dx = rows.to_layout(rows.nchw(dbuf.view(m, c_total)[:, :c0], n, *sp), channels_last)
     return [dx, *grads]
 
 
 def check_args(x, params, running, masks, spec: BlockSpec) -> None:
     """The block op's tensors fit together (else a ValueError naming what does not)."""
     per = spec.per_layer
-    if x.dim() != 4:
-        raise ValueError(f"densenet::dense_block: x must be (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.dim() not in (3, 4, 5):
+        raise ValueError(f"densenet::dense_block: x must be (N, C, L), (N, C, H, W) or (N, C, D, H, W), "
+                         f"got shape {tuple(x.shape)}")
     if not params or len(params) % per:
         raise ValueError(f"densenet::dense_block: params must hold {per} tensors per layer, got {len(params)}")
     if params[0].shape != (x.shape[1],):

@@ -25,6 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from . import buffers, rows
+
+_CONV = {2: F.conv2d, 3: F.conv3d}
+_AVG_POOL = {2: F.avg_pool2d, 3: F.avg_pool3d}
+_AVG_POOL_BACKWARD = {2: torch.ops.aten.avg_pool2d_backward, 3: torch.ops.aten.avg_pool3d_backward}
 from .elementwise import (bn_grad_apply, bn_relu, bn_relu_grad, bn_relu_maxpool,
                           bn_relu_maxpool_grad, col_affine_add, col_stats)
 
@@ -48,46 +52,46 @@ def batch_stats_of(X, eps, batch_stats):
     return torch.stack([mean.to(sd), var.to(sd)])
 
 
-def _grad_end(X, G, sums, mean, rstd, scale, shift, batch_stats, out, shape, fmt, tmp=None):
+def _grad_end(X, G, sums, mean, rstd, scale, shift, batch_stats, out, shape, channels_last, tmp=None):
     """From the gradient G at a BN-ReLU's output (or g', already masked) and the float64 sums of
     g' and (x - mean) * g': out = BN's input gradient; returns [dx in the input's shape and
     layout, dgamma, dbeta]."""
-    n, c, h, w = shape
-    m = n * h * w
+    n, c, *sp = shape
+    m = n * rows.spatial_numel(shape)
     sum_g, sum_xg = sums.to(rows.stat_dtype(X.dtype))
     dgamma = sum_xg * rstd
     if batch_stats:
         a, b = sum_g / m, dgamma * rstd / m
     else:
         a = b = torch.zeros_like(sum_g)
-    dx = rows.nchw(bn_grad_apply(X, G, scale, shift, mean, a, b, out, tmp), n, h, w)
-    return [dx.contiguous(memory_format=fmt), dgamma, sum_g]
+    dx = rows.nchw(bn_grad_apply(X, G, scale, shift, mean, a, b, out, tmp), n, *sp)
+    return [rows.to_layout(dx, channels_last), dgamma, sum_g]
 
 
-def _input_grad(X, dX, sums, mean, rstd, scale, batch_stats, shape, fmt):
+def _input_grad(X, dX, sums, mean, rstd, scale, batch_stats, shape, channels_last):
     """From dX = g' * scale and the float64 sums of g' and (x - mean) * g', BN's two
     batch-statistics corrections applied in place, dx -= scale * (mean(g') + xhat * mean(g' xhat));
     returns [dx in the input's layout, dgamma, dbeta]."""
-    n, c, h, w = shape
-    m = n * h * w
+    n, c, *sp = shape
+    m = n * rows.spatial_numel(shape)
     dbeta, sum_xg = sums.to(rows.stat_dtype(X.dtype))
     dgamma = sum_xg * rstd
     if batch_stats:
         b = scale * rstd * dgamma / m
         col_affine_add(X, -b, b * mean - scale * dbeta / m, dX, dX)
-    return [rows.nchw(dX, n, h, w).contiguous(memory_format=fmt), dgamma, dbeta]
+    return [rows.to_layout(rows.nchw(dX, n, *sp), channels_last), dgamma, dbeta]
 
 
 # ----------------------------------------------------------------------------- relu(bn(x))
 
 def bn_relu_forward(x, gamma, beta, running, eps, batch_stats):
-    n, c, h, w = x.shape
+    n, c, *sp = x.shape
     X = rows.rows(x)
     stats = batch_stats_of(X, eps, batch_stats)
     _, _, scale, shift = terms(gamma, beta, stats, running, eps, batch_stats)
-    out = buffers.huge_empty((n * h * w, c), X)
+    out = buffers.huge_empty(X.shape, X)
     bn_relu(X, scale, shift, out)
-    return rows.nchw(out, n, h, w).contiguous(memory_format=rows.layout(x)), stats
+    return rows.like_layout(rows.nchw(out, n, *sp), x), stats
 
 
 def bn_relu_backward(grad, x, gamma, beta, stats, running, eps, batch_stats):
@@ -96,7 +100,7 @@ def bn_relu_backward(grad, x, gamma, beta, stats, running, eps, batch_stats):
     dY = rows.rows(grad).clone()  # masked in place by some backends: never the caller's gradient
     sums = bn_relu_grad(X, dY, scale, shift, mean)
     return _grad_end(X, dY, sums, mean, rstd, scale, shift, batch_stats,
-                     buffers.huge_empty(X.shape, X), x.shape, rows.layout(x))
+                     buffers.huge_empty(X.shape, X), x.shape, rows.is_channels_last(x))
 
 
 # ----------------------------------------------------------------------------- maxpool(relu(bn(x)))
@@ -114,7 +118,7 @@ def bn_relu_maxpool_forward(x, gamma, beta, running, eps, batch_stats, kernel, s
     oh, ow = pooled_size(h, w, kernel, stride, padding)
     out = bn_relu_maxpool(X.view(n, h, w, c), scale, shift, kernel, stride, padding,
                           buffers.huge_empty((n, oh, ow, c), X))
-    return out.permute(0, 3, 1, 2).contiguous(memory_format=rows.layout(x)), stats
+    return rows.like_layout(out.permute(0, 3, 1, 2), x), stats
 
 
 def bn_relu_maxpool_backward(grad, x, gamma, beta, stats, running, eps, batch_stats, kernel, stride,
@@ -125,15 +129,15 @@ def bn_relu_maxpool_backward(grad, x, gamma, beta, stats, running, eps, batch_st
     G = buffers.huge_empty(X.shape, X)  # g', all of it written by the pass
     sums = bn_relu_maxpool_grad(X.view(n, h, w, c), scale, shift, mean, kernel, stride, padding,
                                 grad.permute(0, 2, 3, 1).contiguous(), G.view(n, h, w, c))
-    return _grad_end(X, G, sums, mean, rstd, scale, shift, batch_stats, G, x.shape, rows.layout(x))
+    return _grad_end(X, G, sums, mean, rstd, scale, shift, batch_stats, G, x.shape, rows.is_channels_last(x))
 
 
 # ----------------------------------------------------------------------------- conv1x1(relu(bn(x)))
 
 def bn_relu_conv_forward(x, gamma, beta, running, eps, batch_stats, weight):
     """Neither the BN output nor the ReLU output is ever stored (backward recomputes them)."""
-    n, c, h, w = x.shape
-    m = n * h * w
+    n, c, *sp = x.shape
+    m = n * rows.spatial_numel(x.shape)
     X = rows.rows(x)  # a view of channels-last input
     stats = batch_stats_of(X, eps, batch_stats)
     _, _, scale, shift = terms(gamma, beta, stats, running, eps, batch_stats)
@@ -144,12 +148,12 @@ def bn_relu_conv_forward(x, gamma, beta, running, eps, batch_stats, weight):
         hi = min(lo + chunk, m)
         z = bn_relu(X[lo:hi], scale, shift, scratch[: (hi - lo) * c].view(hi - lo, c))
         rows.product(z, weight, Y[lo:hi])
-    return rows.nchw(Y, n, h, w).contiguous(memory_format=rows.layout(x)), stats
+    return rows.like_layout(rows.nchw(Y, n, *sp), x), stats
 
 
 def bn_relu_conv_backward(grad, x, gamma, beta, stats, running, eps, batch_stats, weight):
-    n, c, h, w = x.shape
-    m = n * h * w
+    n, c = x.shape[:2]
+    m = n * rows.spatial_numel(x.shape)
     X = rows.rows(x)
     mean, rstd, scale, shift = terms(gamma, beta, stats, running, eps, batch_stats)
     w2d = weight.view(weight.shape[0], c)
@@ -166,59 +170,64 @@ def bn_relu_conv_backward(grad, x, gamma, beta, stats, running, eps, batch_stats
         g = torch.mm(dY[lo:hi], w2d, out=gscratch[: (hi - lo) * c].view(hi - lo, c))
         bn_relu_grad(X[lo:hi], g, scale, shift, mean, dx=dX[lo:hi], sums=sums, z=z, assign=True)
         dw = rows.weight_grad(dY[lo:hi], z, weight, dw)
-    dx, dgamma, dbeta = _input_grad(X, dX, sums, mean, rstd, scale, batch_stats, x.shape, rows.layout(x))
+    dx, dgamma, dbeta = _input_grad(X, dX, sums, mean, rstd, scale, batch_stats, x.shape,
+                                    rows.is_channels_last(x))
     return [dx, dgamma, dbeta, rows.like_param(dw.view_as(weight), weight)]
 
 
 # ----------------------------------------------------------------------------- conv1x1(avgpool(relu(bn(x))))
 
-def _image_chunks(n: int, h: int, w: int, t: torch.Tensor):
-    """Chunks of whole images (for the pooling) of at most ``chunk_rows`` rows, or one image:
-    a list of (first image, end image)."""
-    per = max(1, rows.chunk_rows(t, n * h * w) // (h * w))
+def _image_chunks(n: int, s: int, t: torch.Tensor):
+    """Chunks of whole images (for the pooling) of at most ``chunk_rows`` rows, or one image,
+    for images of ``s`` positions: a list of (first image, end image)."""
+    per = max(1, rows.chunk_rows(t, n * s) // s)
     return [(i, min(i + per, n)) for i in range(0, n, per)]
 
 
 def bn_relu_pool_conv_forward(x, gamma, beta, running, eps, batch_stats, weight, kernel, stride,
                               padding, ceil_mode, count_include_pad):
-    """BN-ReLU and the pooling run a chunk of whole images at a time (recomputed in backward)."""
-    n, c, h, w = x.shape
+    """BN-ReLU and the pooling run a chunk of whole images at a time (recomputed in backward).
+    Images and volumes (a 1-D map comes as an image of height 1)."""
+    n, c, *sp = x.shape
+    s = rows.spatial_numel(x.shape)
     X = rows.rows(x)
     stats = batch_stats_of(X, eps, batch_stats)
     _, _, scale, shift = terms(gamma, beta, stats, running, eps, batch_stats)
-    chunks = _image_chunks(n, h, w, X)
-    scratch = X.new_empty((chunks[0][1] - chunks[0][0]) * h * w * c)
+    chunks = _image_chunks(n, s, X)
+    scratch = X.new_empty((chunks[0][1] - chunks[0][0]) * s * c)
     outs = []
     for i0, i1 in chunks:
-        lo, hi = i0 * h * w, i1 * h * w
+        lo, hi = i0 * s, i1 * s
         z = bn_relu(X[lo:hi], scale, shift, scratch[: (hi - lo) * c].view(hi - lo, c))
-        pooled = F.avg_pool2d(rows.nchw(z, i1 - i0, h, w), kernel, stride, padding, ceil_mode,
-                              count_include_pad)
-        outs.append(F.conv2d(pooled, weight))
+        pooled = _AVG_POOL[len(sp)](rows.nchw(z, i1 - i0, *sp), kernel, stride, padding, ceil_mode,
+                                    count_include_pad)
+        outs.append(_CONV[len(sp)](pooled, weight))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
-    return out.contiguous(memory_format=rows.layout(x)), stats
+    return rows.like_layout(out, x), stats
 
 
 def bn_relu_pool_conv_backward(grad, x, gamma, beta, stats, running, eps, batch_stats, weight, kernel,
                                stride, padding, ceil_mode, count_include_pad):
-    n, c, h, w = x.shape
+    n, c, *sp = x.shape
+    d, s = len(sp), rows.spatial_numel(x.shape)
     X = rows.rows(x)
     mean, rstd, scale, shift = terms(gamma, beta, stats, running, eps, batch_stats)
     pool_args = (kernel, stride, padding, ceil_mode, count_include_pad, None)
     dX = buffers.huge_empty(X.shape, X)  # written (not added to), chunk by chunk
     dw = None
     sums = torch.zeros(2, c, dtype=torch.float64, device=X.device)
-    chunks = _image_chunks(n, h, w, X)
-    scratch = X.new_empty((chunks[0][1] - chunks[0][0]) * h * w * c)
+    chunks = _image_chunks(n, s, X)
+    scratch = X.new_empty((chunks[0][1] - chunks[0][0]) * s * c)
     for i0, i1 in chunks:
-        lo, hi = i0 * h * w, i1 * h * w
+        lo, hi = i0 * s, i1 * s
         z = bn_relu(X[lo:hi], scale, shift, scratch[: (hi - lo) * c].view(hi - lo, c))
-        zimg = rows.nchw(z, i1 - i0, h, w)
+        zimg = rows.nchw(z, i1 - i0, *sp)
         dzp, dwc, _ = torch.ops.aten.convolution_backward(
-            grad[i0:i1], F.avg_pool2d(zimg, *pool_args[:5]), weight, None, [1, 1], [0, 0], [1, 1], False,
-            [0, 0], 1, [True, True, False])
+            grad[i0:i1], _AVG_POOL[d](zimg, *pool_args[:5]), weight, None, [1] * d, [0] * d, [1] * d,
+            False, [0] * d, 1, [True, True, False])
         dw = dwc if dw is None else dw.add_(dwc)
-        g = rows.rows(torch.ops.aten.avg_pool2d_backward(dzp, zimg, *pool_args))  # a new tensor
+        g = rows.rows(_AVG_POOL_BACKWARD[d](dzp, zimg, *pool_args))  # a new tensor
         bn_relu_grad(X[lo:hi], g, scale, shift, mean, dx=dX[lo:hi], sums=sums, assign=True, tmp=z)
-    dx, dgamma, dbeta = _input_grad(X, dX, sums, mean, rstd, scale, batch_stats, x.shape, rows.layout(x))
+    dx, dgamma, dbeta = _input_grad(X, dX, sums, mean, rstd, scale, batch_stats, x.shape,
+                                    rows.is_channels_last(x))
     return [dx, dgamma, dbeta, rows.like_param(dw, weight)]

@@ -53,12 +53,13 @@ def dense_block_op(x: Tensor, params: list[Tensor], running: list[Tensor], masks
 
 @dense_block_op.register_fake
 def _(x, params, running, masks, growth_rate, bottleneck, eps, batch_stats, drop_rate, save):
-    n, c0, h, w = x.shape
+    n, c0, *sp = x.shape
     num = len(params) // (6 if bottleneck else 3)
     sd = rows.stat_dtype(x.dtype)
-    buf = x.new_empty((n, h, w, c0 + num * growth_rate))
+    buf = x.new_empty((n, *sp, c0 + num * growth_rate))
     inner = params[2].shape[0] if bottleneck else 0
-    y1 = x.new_empty((num, n * h * w, inner)) if bottleneck and save else x.new_empty(0)
+    m = n * rows.spatial_numel(x.shape)
+    y1 = x.new_empty((num, m, inner)) if bottleneck and save else x.new_empty(0)
     stats1 = x.new_empty((2, c0 + num * growth_rate), dtype=sd) if batch_stats else x.new_empty(0, dtype=sd)
     stats2 = (x.new_empty((num, 2, inner), dtype=sd) if batch_stats and bottleneck
               else x.new_empty(0, dtype=sd))
@@ -79,9 +80,8 @@ def dense_block_backward_op(grad: Tensor, buf: Tensor, y1: Tensor, stats1: Tenso
 @dense_block_backward_op.register_fake
 def _(grad, buf, y1, stats1, stats2, params, running, masks, growth_rate, bottleneck, eps,
       batch_stats, drop_rate, channels_last):
-    n, h, w, _ = buf.shape
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    dx = buf.new_empty((n, params[0].shape[0], h, w)).contiguous(memory_format=fmt)
+    n, *sp, _ = buf.shape
+    dx = rows.empty_like_layout(buf, (n, params[0].shape[0], *sp), channels_last=channels_last)
     return [dx, *[torch.empty_like(p) for p in params]]
 
 
@@ -218,8 +218,7 @@ def bn_relu_conv_op(x: Tensor, gamma: Tensor, beta: Tensor, running: list[Tensor
 
 @bn_relu_conv_op.register_fake
 def _(x, gamma, beta, running, eps, batch_stats, weight):
-    n, c, h, w = x.shape
-    return rows.empty_like_layout(x, (n, weight.shape[0], h, w)), _stats_like(x, batch_stats)
+    return rows.empty_like_layout(x, (x.shape[0], weight.shape[0], *x.shape[2:])), _stats_like(x, batch_stats)
 
 
 @torch.library.custom_op("densenet::bn_relu_conv_backward", mutates_args=())
@@ -263,9 +262,9 @@ def bn_relu_pool_conv_op(x: Tensor, gamma: Tensor, beta: Tensor, running: list[T
 @bn_relu_pool_conv_op.register_fake
 def _(x, gamma, beta, running, eps, batch_stats, weight, kernel, stride, padding, ceil_mode,
       count_include_pad):
-    n, c, h, w = x.shape
-    pooled = F.avg_pool2d(x.new_empty((1, 1, h, w)), kernel, stride, padding, ceil_mode, count_include_pad)
-    return (rows.empty_like_layout(x, (n, weight.shape[0], *pooled.shape[2:])),
+    pool = F.avg_pool3d if x.dim() == 5 else F.avg_pool2d
+    pooled = pool(x.new_empty((1, 1, *x.shape[2:])), kernel, stride, padding, ceil_mode, count_include_pad)
+    return (rows.empty_like_layout(x, (x.shape[0], weight.shape[0], *pooled.shape[2:])),
             _stats_like(x, batch_stats))
 
 
@@ -355,14 +354,16 @@ for _op, _rule in [(dense_block_op, _block_casts), (dense_block_backward_op, _ke
 # multiply-add; backward: the input and weight gradients, twice the forward).
 
 def _conv_flops(m: int, w_shape) -> int:
-    co, ci, kh, kw = w_shape
-    return 2 * m * co * ci * kh * kw
+    out = 2 * m
+    for s in w_shape:
+        out *= s
+    return out
 
 
 def _block_flops(x_shape, params, bottleneck):
-    n, _, h, w = x_shape
     per = 6 if bottleneck else 3
-    return sum(_conv_flops(n * h * w, s) for j, s in enumerate(params) if j % per in (2, 5))
+    m = x_shape[0] * rows.spatial_numel(x_shape)
+    return sum(_conv_flops(m, s) for j, s in enumerate(params) if j % per in (2, 5))
 
 
 @register_flop_formula(torch.ops.densenet.dense_block)
@@ -373,19 +374,16 @@ def _(x_shape, params, *args, out_shape=None, **kwargs) -> int:
 @register_flop_formula(torch.ops.densenet.dense_block_backward)
 def _(grad_shape, buf_shape, y1, s1, s2, params, running, masks, growth_rate, bottleneck, *args,
       out_shape=None, **kwargs) -> int:
-    n, h, w, _ = buf_shape
-    return 2 * _block_flops((n, 0, h, w), params, bottleneck)
+    return 2 * _block_flops((buf_shape[0], 0, *buf_shape[1:-1]), params, bottleneck)
 
 
 @register_flop_formula([torch.ops.densenet.bn_relu_conv, torch.ops.densenet.bn_relu_pool_conv])
 def _(x_shape, gamma, beta, running, eps, batch_stats, w_shape, *args, out_shape=None, **kwargs) -> int:
-    n, _, h, w = out_shape[0]
-    return _conv_flops(n * h * w, w_shape)
+    return _conv_flops(out_shape[0][0] * rows.spatial_numel(out_shape[0]), w_shape)
 
 
 @register_flop_formula([torch.ops.densenet.bn_relu_conv_backward,
                         torch.ops.densenet.bn_relu_pool_conv_backward])
 def _(grad_shape, x_shape, gamma, beta, stats, running, eps, batch_stats, w_shape, *args,
       out_shape=None, **kwargs) -> int:
-    n, _, h, w = grad_shape
-    return 2 * _conv_flops(n * h * w, w_shape)
+    return 2 * _conv_flops(grad_shape[0] * rows.spatial_numel(grad_shape), w_shape)

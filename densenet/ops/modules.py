@@ -30,6 +30,11 @@ from .library import (bn_relu_conv_op, bn_relu_maxpool_op, bn_relu_op, bn_relu_p
                       dense_block_op)
 
 _pair = torch.nn.modules.utils._pair
+_ntuple = torch.nn.modules.utils._ntuple
+
+# the BatchNorm of each input rank: (N, C, L), (N, C, H, W) and (N, C, D, H, W)
+_BN_DIM = {nn.BatchNorm1d: 3, nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}
+_AVG_POOL = {3: nn.AvgPool1d, 4: nn.AvgPool2d, 5: nn.AvgPool3d}
 
 
 # ----------------------------------------------------------------------------- hooks
@@ -73,8 +78,8 @@ def hooked_within(module: nn.Module) -> bool:
 
 # ----------------------------------------------------------------------------- BN running statistics
 
-def uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
-    # the same rule as nn.BatchNorm2d.forward
+def uses_batch_stats(bn) -> bool:
+    # the same rule as nn.BatchNorm2d.forward (and 1d, 3d)
     return bn.training or (bn.running_mean is None and bn.running_var is None)
 
 
@@ -106,9 +111,10 @@ def update_running_stats(norms, means, variances, n: int) -> None:
 
 def _bn_ok(norm, x: torch.Tensor) -> bool:
     """Whether BN ``norm`` on ``x`` can run as one of the ops (else the module runs as it is)."""
-    return (not (torch.jit.is_scripting() or torch.jit.is_tracing()) and x.dim() == 4
+    return (not (torch.jit.is_scripting() or torch.jit.is_tracing())
+            and _BN_DIM.get(type(norm)) == x.dim()
             and not x.is_sparse and x.device.type != "meta" and x.dtype.is_floating_point
-            and type(norm) is nn.BatchNorm2d and norm.affine)
+            and norm.affine)
 
 
 def _bn_inputs(norm):
@@ -120,7 +126,7 @@ def _bn_inputs(norm):
 def _after_bn(norm, x, stats, batch: bool) -> None:
     if batch:
         s = stats.detach()
-        update_running_stats([norm], [s[0]], [s[1]], x.shape[0] * x.shape[2] * x.shape[3])
+        update_running_stats([norm], [s[0]], [s[1]], x.shape[0] * rows.spatial_numel(x.shape))
 
 
 # ----------------------------------------------------------------------------- dense blocks
@@ -138,12 +144,14 @@ def note_structure_change() -> None:
 @dataclass
 class _Plan:
     """What a block's structure allows, worked out once: ``layers`` and ``norms`` in order,
-    whether the op computes the block at all, and the hook dicts of every module inside it."""
+    whether the op computes the block at all, the rank of the inputs it takes (3, 4 or 5, from
+    its BatchNorms' kind) and the hook dicts of every module inside it."""
     key: tuple
     layers: tuple
     norms: tuple
     supported: bool
     hook_dicts: tuple
+    input_dim: int
 
 
 _plans: "weakref.WeakKeyDictionary[nn.Module, _Plan]" = weakref.WeakKeyDictionary()
@@ -156,22 +164,26 @@ def _norms(layers):
             yield layer.norm2
 
 
-def _conv_fits(conv, size: int) -> bool:
-    return (conv.bias is None and conv.groups == 1 and conv.stride == (1, 1) and conv.dilation == (1, 1)
-            and conv.padding_mode == "zeros" and conv.kernel_size == (size, size)
-            and conv.padding == (size // 2,) * 2)
+def _conv_fits(conv, size: int, dims: int) -> bool:
+    return (isinstance(conv, nn.modules.conv._ConvNd) and len(conv.kernel_size) == dims
+            and conv.bias is None and conv.groups == 1 and conv.stride == (1,) * dims
+            and conv.dilation == (1,) * dims and conv.padding_mode == "zeros"
+            and conv.kernel_size == (size,) * dims and conv.padding == (size // 2,) * dims)
 
 
 def _supported_structure(layers, norms) -> bool:
-    if not layers or any(type(bn) is not nn.BatchNorm2d or not bn.affine for bn in norms):
+    if not layers or not norms or type(norms[0]) not in _BN_DIM:
         return False
+    if any(type(bn) is not type(norms[0]) or not bn.affine for bn in norms):
+        return False
+    dims = _BN_DIM[type(norms[0])] - 2
     bottleneck = layers[0].bottleneck
     for layer in layers:
         if layer.bottleneck != bottleneck:
             return False
-        if not _conv_fits(layer.conv1, 1 if bottleneck else 3):
+        if not _conv_fits(layer.conv1, 1 if bottleneck else 3, dims):
             return False
-        if bottleneck and not _conv_fits(layer.conv2, 3):
+        if bottleneck and not _conv_fits(layer.conv2, 3, dims):
             return False
     return True
 
@@ -179,8 +191,9 @@ def _supported_structure(layers, norms) -> bool:
 def _make_plan(block, layers, key) -> _Plan:
     norms = tuple(_norms(layers))
     inside = [m for m in block.modules() if m is not block]
-    return _Plan(key, layers, norms, _supported_structure(layers, norms),
-                 tuple(d for m in inside for d in _hook_dicts(m)))
+    supported = _supported_structure(layers, norms)
+    return _Plan(key, layers, norms, supported, tuple(d for m in inside for d in _hook_dicts(m)),
+                 _BN_DIM[type(norms[0])] if supported else 0)
 
 
 def _plan(block) -> _Plan:
@@ -200,9 +213,11 @@ def _supported(plan: _Plan, x: torch.Tensor) -> bool:
     """Whether the op computes the block on ``x`` as the plain modules do (else they run)."""
     if torch.jit.is_scripting() or torch.jit.is_tracing():
         return False
-    if x.dim() != 4 or x.is_sparse or x.device.type == "meta" or not x.dtype.is_floating_point:
+    if not plan.supported or x.dim() != plan.input_dim:
         return False
-    if not plan.supported or _global_hooks() or any(plan.hook_dicts):
+    if x.is_sparse or x.device.type == "meta" or not x.dtype.is_floating_point:
+        return False
+    if _global_hooks() or any(plan.hook_dicts):
         return False
     norms = plan.norms
     # the shared statistics assume one eps and one mode per block
@@ -222,8 +237,8 @@ def _layer_params(layer) -> list[torch.Tensor]:
     return p
 
 
-def _dropout_mask(p: float, shape, x: torch.Tensor, dtype, fmt) -> torch.Tensor:
-    noise = torch.empty(shape, dtype=dtype, device=x.device, memory_format=fmt)
+def _dropout_mask(p: float, shape, x: torch.Tensor, dtype, channels_last: bool) -> torch.Tensor:
+    noise = rows.empty_like_layout(x, shape, dtype, channels_last)
     return noise.bernoulli_(1 - p) != 0
 
 
@@ -248,8 +263,8 @@ def dense_block_forward(block, x: torch.Tensor) -> torch.Tensor:
     norms = plan.norms
     batch_stats = uses_batch_stats(norms[0])
     params, running, masks = [], [], []
-    fmt = rows.layout(x)
-    n, _, h, w = x.shape
+    cl = rows.is_channels_last(x)
+    n, _, *sp = x.shape
     dtype = _compute_dtype(x)
     for layer in layers:
         params += _layer_params(layer)
@@ -260,8 +275,8 @@ def dense_block_forward(block, x: torch.Tensor) -> torch.Tensor:
             # the masks F.dropout would draw, in the same order, dtype and layout: the same seed
             # gives the same masks as the plain modules
             if bottleneck:
-                masks.append(_dropout_mask(drop, (n, layer.conv1.out_channels, h, w), x, dtype, fmt))
-            masks.append(_dropout_mask(drop, (n, block.growth_rate, h, w), x, dtype, fmt))
+                masks.append(_dropout_mask(drop, (n, layer.conv1.out_channels, *sp), x, dtype, cl))
+            masks.append(_dropout_mask(drop, (n, block.growth_rate, *sp), x, dtype, cl))
     save = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
     buf, _, stats1, stats2 = dense_block_op(x, params, running, masks, block.growth_rate, bottleneck,
                                             norms[0].eps, batch_stats, float(drop), save)
@@ -275,9 +290,9 @@ def dense_block_forward(block, x: torch.Tensor) -> torch.Tensor:
             if bottleneck:
                 means.append(s2[i, 0])
                 variances.append(s2[i, 1])
-        update_running_stats(norms, means, variances, n * h * w)
-    out = buf.permute(0, 3, 1, 2)
-    return out if fmt is torch.channels_last else out.contiguous()
+        update_running_stats(norms, means, variances, n * rows.spatial_numel(x.shape))
+    out = rows.nchw(buf.view(-1, buf.shape[-1]), n, *sp)
+    return out if cl else out.contiguous()
 
 
 # ----------------------------------------------------------------------------- stem, transitions, norm5
@@ -296,12 +311,12 @@ def features_forward(features: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
 def inference_layout(features: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """``x`` in the layout the efficient path computes ``features`` in: channels-last for CPU
     inference, else as it is."""
-    if not features.training and x.dim() == 4 and x.device.type == "cpu" and not torch.jit.is_tracing():
+    if not features.training and x.dim() in (4, 5) and x.device.type == "cpu" and not torch.jit.is_tracing():
         # inference: the blocks keep their maps channels-last, and an NCHW input would make
         # every convolution and transition read and write NCHW copies (fresh memory, page
         # faults; 0.55-0.7x the speed, measured at batch 250-500). Training keeps the input's
         # layout, so that dropout draws its masks in the plain modules' layout and order.
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = rows.to_layout(x, True)
     return x
 
 
@@ -317,7 +332,7 @@ def children_forward(mods: list[nn.Module], x: torch.Tensor, relu: bool = True) 
                 and not hooked(*mods[i:i + 3])):
             x = bn_relu_maxpool_forward(mod, mods[i + 2], x)
             i += 3
-        elif (type(mod) is nn.BatchNorm2d and _bn_ok(mod, x)
+        elif (type(mod) in _BN_DIM and _bn_ok(mod, x)
                 and (relu if last else type(mods[i + 1]) is nn.ReLU)
                 and not hooked(*mods[i:i + 2])):
             x = bn_relu_forward(mod, x)
@@ -364,20 +379,26 @@ def maxpool_fusable(pool, x: torch.Tensor) -> bool:
 def transition_forward(trans, x: torch.Tensor) -> torch.Tensor:
     """Forward of a transition (BN-ReLU-Conv1x1 [dropout] AvgPool): the BN-ReLU-Conv1x1 part as
     one op that recomputes BN-ReLU in backward, like the block's layers; without active dropout,
-    with the pooling before the convolution (``bn_relu_pool_conv``)."""
+    with the pooling before the convolution (``bn_relu_pool_conv``; a 1-D map goes through it
+    as an image of height 1)."""
     norm, conv, pool = trans.norm, trans.conv, trans.pool
-    if (not _bn_ok(norm, x) or hooked_within(trans) or conv.bias is not None
-            or conv.groups != 1 or conv.kernel_size != (1, 1) or conv.stride != (1, 1)
-            or conv.padding != (0, 0) or conv.dilation != (1, 1)):
+    dims = x.dim() - 2
+    if (not _bn_ok(norm, x) or hooked_within(trans) or not _conv_fits(conv, 1, dims)):
         return nn.Sequential.forward(trans, x)
     running, batch = _bn_inputs(norm)
-    if type(pool) is nn.AvgPool2d and pool.divisor_override is None and not _dropout_active(trans):
-        out, stats = bn_relu_pool_conv_op(x, norm.weight, norm.bias, running, norm.eps, batch,
-                                          conv.weight, list(_pair(pool.kernel_size)),
-                                          list(_pair(pool.stride)), list(_pair(pool.padding)),
-                                          pool.ceil_mode, pool.count_include_pad)
+    if (type(pool) is _AVG_POOL[x.dim()] and getattr(pool, "divisor_override", None) is None
+            and not _dropout_active(trans)):
+        size = _ntuple(dims)
+        kernel, stride, padding = (list(size(v)) for v in (pool.kernel_size, pool.stride, pool.padding))
+        xin, weight = x, conv.weight
+        if dims == 1:
+            xin, weight = x.unsqueeze(2), weight.unsqueeze(2)
+            kernel, stride, padding = [1, *kernel], [1, *stride], [0, *padding]
+        out, stats = bn_relu_pool_conv_op(xin, norm.weight, norm.bias, running, norm.eps, batch,
+                                          weight, kernel, stride, padding, pool.ceil_mode,
+                                          pool.count_include_pad)
         _after_bn(norm, x, stats, batch)
-        return out
+        return out.squeeze(2) if dims == 1 else out
     y, stats = bn_relu_conv_op(x, norm.weight, norm.bias, running, norm.eps, batch, conv.weight)
     _after_bn(norm, x, stats, batch)
     if hasattr(trans, "drop"):

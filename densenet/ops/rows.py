@@ -1,7 +1,8 @@
 """Feature maps as (N*H*W, C) row matrices: the layout the engine computes in.
 
-A channels-last (N, C, H, W) tensor is, without a copy, a row-major matrix with one row per
-pixel and one column per channel; a channel slice of a block's buffer is the same matrix with a
+A channels-last (N, C, H, W) tensor (or (N, C, D, H, W) volume, or (N, C, L) signal) is,
+without a copy, a row-major matrix with one row per pixel (voxel, sample) and one column per
+channel; a channel slice of a block's buffer is the same matrix with a
 longer row stride. Element-wise passes, BN statistics and 1x1 convolutions all work on such
 matrices. This module converts between the two views and runs the 1x1 convolutions as products.
 """
@@ -12,14 +13,16 @@ import torch
 import torch.nn.functional as F
 
 
-def nchw(t2d: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
-    """An (N*H*W, C) matrix seen as an (N, C, H, W) channels-last tensor (no copy)."""
-    return t2d.view(n, h, w, t2d.shape[1]).permute(0, 3, 1, 2)
+def nchw(t2d: torch.Tensor, n: int, *spatial: int) -> torch.Tensor:
+    """An (N*S, C) matrix seen as an (N, C, *spatial) channels-last map (no copy); S is the
+    product of the spatial sizes (H, W for images, D, H, W for volumes, L for signals)."""
+    d = len(spatial)
+    return t2d.view(n, *spatial, t2d.shape[1]).permute(0, d + 1, *range(1, d + 1))
 
 
-def rows(t4d: torch.Tensor) -> torch.Tensor:
-    """An (N, C, H, W) tensor as an (N*H*W, C) row-major matrix (a copy unless channels-last)."""
-    r = t4d.permute(0, 2, 3, 1).reshape(-1, t4d.shape[1])
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """An (N, C, *spatial) map as an (N*S, C) row-major matrix (a copy unless channels-last)."""
+    r = t.permute(0, *range(2, t.dim()), 1).reshape(-1, t.shape[1])
     return r if r.stride(1) == 1 or r.shape[1] == 1 else r.contiguous()
 
 
@@ -28,16 +31,47 @@ def as_map(t2d: torch.Tensor) -> torch.Tensor:
     return t2d.view(1, t2d.shape[0], 1, t2d.shape[1]).permute(0, 3, 1, 2)
 
 
+def spatial_numel(shape) -> int:
+    """The number of positions of a map of ``shape`` (N, C, *spatial): rows per image."""
+    out = 1
+    for s in shape[2:]:
+        out *= s
+    return out
+
+
 def is_channels_last(x: torch.Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    """Channels-last strides (``channels_last``, ``channels_last_3d``, or (N, L, C) memory for
+    a 1-D map), not also contiguous."""
+    return x.permute(0, *range(2, x.dim()), 1).is_contiguous() and not x.is_contiguous()
 
 
-def layout(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
+def to_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``t`` contiguous, or channels-last (for any number of spatial dimensions); no copy when
+    it already is."""
+    if not channels_last:
+        return t.contiguous()
+    d = t.dim() - 2
+    return t.permute(0, *range(2, d + 2), 1).contiguous().permute(0, d + 1, *range(1, d + 1))
 
 
-def empty_like_layout(x: torch.Tensor, shape, dtype=None) -> torch.Tensor:
-    return x.new_empty(shape, dtype=dtype).contiguous(memory_format=layout(x))
+def like_layout(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``t`` in ``x``'s layout: channels-last when ``x`` is, else contiguous."""
+    return to_layout(t, is_channels_last(x))
+
+
+def empty_like_layout(x: torch.Tensor, shape, dtype=None, channels_last: bool | None = None) -> torch.Tensor:
+    """An empty map of ``shape`` in ``x``'s layout (or channels-last as ``channels_last`` says)."""
+    cl = is_channels_last(x) if channels_last is None else channels_last
+    if not cl:
+        return x.new_empty(shape, dtype=dtype)
+    d = len(shape) - 2
+    t = x.new_empty((shape[0], *shape[2:], shape[1]), dtype=dtype)
+    return t.permute(0, d + 1, *range(1, d + 1))
+
+
+def _as_2d_kernel(w: torch.Tensor) -> torch.Tensor:
+    """A 1x1 (or 1, or 1x1x1) convolution weight as a (C_out, C_in, 1, 1) one."""
+    return w if w.dim() == 4 else w.view(w.shape[0], w.shape[1], 1, 1)
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -60,15 +94,17 @@ def _onednn(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
 
-def product(z: torch.Tensor, w4d: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out = z @ w^T: the 1x1 convolution with weight ``w4d`` (C_out, C_in, 1, 1) of the rows z."""
+def product(z: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = z @ w^T: the 1x1 convolution with weight ``w`` (C_out, C_in, 1[, 1[, 1]]) of the rows z."""
+    w4d = _as_2d_kernel(w)
     if _onednn(z):
         return out.copy_(F.conv2d(as_map(z), w4d).permute(0, 2, 3, 1).reshape(out.shape))
     return torch.mm(z, w4d.view(w4d.shape[0], -1).t(), out=out)
 
 
-def weight_grad(dy: torch.Tensor, z: torch.Tensor, w4d: torch.Tensor, dw: torch.Tensor | None):
+def weight_grad(dy: torch.Tensor, z: torch.Tensor, w: torch.Tensor, dw: torch.Tensor | None):
     """dw (C_out, C_in) += dy^T @ z (returns the sum; a new tensor when ``dw`` is None)."""
+    w4d = _as_2d_kernel(w)
     if _onednn(z):
         g = torch.ops.aten.convolution_backward(
             as_map(dy), as_map(z), w4d, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
