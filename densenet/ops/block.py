@@ -9,8 +9,8 @@ op and its backward op (:mod:`densenet.ops.library`).
 * BN batch statistics of a channel are the same for every later layer that reads it (only the
   affine parameters differ per consumer), so per-channel mean/var are computed once, when the
   maps are written, and shared.
-* Backward saves only ``B``, the bottleneck outputs (4k maps per layer) and dropout masks -
-  linear in depth. The concatenated BN-ReLU input of each layer (the expensive, quadratic part)
+* Backward saves only ``B``, the bottleneck outputs (4k maps per layer; volumes recompute them
+  instead, see :func:`keeps_bottleneck`) and dropout masks - linear in depth. The concatenated BN-ReLU input of each layer (the expensive, quadratic part)
   is recomputed into a scratch buffer reused by all layers.
 * The input-gradient of a BN layer in training mode has two per-channel "mean" corrections.
   Every consumer of a channel uses the same batch mean and inverse std, so the corrections of
@@ -100,6 +100,14 @@ def _scaled_mask(mask: torch.Tensor, drop_rate: float, dtype) -> torch.Tensor:
     return mask.to(dtype).div_(1 - drop_rate)
 
 
+def keeps_bottleneck(x_dim: int, bottleneck: bool, save: bool) -> bool:
+    """Whether forward keeps every layer's bottleneck output for backward. Volumes (5-D
+    inputs) do not: there memory is the wall, and backward recomputes each layer's from the
+    buffer (one more 1x1 product per layer, a few percent of the step) instead of keeping 4k
+    maps per layer, three times the buffer's size in DenseNet-121's first block."""
+    return bottleneck and save and x_dim < 5
+
+
 def forward(x, params, running, masks, spec: BlockSpec, save: bool) -> Saved:
     """The block on ``x`` (N, C0, *spatial): its output is ``buf`` (N, *spatial, C0 + L*k). With
     ``save``, the bottleneck outputs of every layer are kept for backward. Images, volumes and
@@ -124,7 +132,8 @@ def forward(x, params, running, masks, spec: BlockSpec, save: bool) -> Saved:
     if bottleneck:
         if batch_stats:
             stats2 = x.new_empty((num, 2, inner), dtype=sd)
-        y1_store = buffers.huge_empty((num if save else 1, m, inner), x)
+        keep = keeps_bottleneck(x.dim(), bottleneck, save)
+        y1_store = buffers.huge_empty((num if keep else 1, m, inner), x)
         z2 = buffers.huge_empty((m, inner), x)
     chunk = rows.chunk_rows(x, m) if bottleneck else m
     scratch = x.new_empty(chunk * (c0 + (num - 1) * k))  # BN-ReLU'd input of the current layer
@@ -140,7 +149,7 @@ def forward(x, params, running, masks, spec: BlockSpec, save: bool) -> Saved:
         shift1 = p[1] - mean1 * scale1
         layer_masks = masks[i * masks_per:(i + 1) * masks_per]
         if bottleneck:
-            y1 = y1_store[i if save else 0]
+            y1 = y1_store[i if keep else 0]
             # BN2's batch statistics gathered chunk by chunk while each y1 chunk is in cache
             # (after dropout they must wait for the masked maps)
             state = (stats_state(inner, x.device) if batch_stats and not layer_masks and chunk < m
@@ -170,7 +179,7 @@ def forward(x, params, running, masks, spec: BlockSpec, save: bool) -> Saved:
         if batch_stats:
             stats1[0, c_in:c_in + k], stats1[1, c_in:c_in + k] = col_stats(new_rows, eps)
         copy_cols(new_rows, X[:, c_in:c_in + k])
-    y1_out = y1_store if bottleneck and save else x.new_empty(0)
+    y1_out = y1_store if bottleneck and keep else x.new_empty(0)
     return Saved(buf, y1_out, stats1, stats2)
 
 
@@ -214,6 +223,8 @@ def backward(grad, saved: Saved, params, running, masks, spec: BlockSpec,
     if bottleneck:
         inner = params[2].shape[0]
         z2 = buffers.huge_empty((m, inner), X)
+        if saved.y1.numel() == 0:  # not kept: recomputed layer by layer into one buffer
+            y1_again = buffers.huge_empty((m, inner), X)
     masks_per = spec.masks_per_layer(masks)
     grads = []
     for i in reversed(range(num)):
@@ -228,7 +239,11 @@ def backward(grad, saved: Saved, params, running, masks, spec: BlockSpec,
         layer_grads = [None] * per
         if bottleneck:
             w2 = p[5]
-            y1 = saved.y1[i]
+            if saved.y1.numel():
+                y1 = saved.y1[i]
+            else:
+                y1 = _bottleneck_again(X, c_in, p, mean1, rstd1, layer_masks, drop_rate, chunk,
+                                       scratch, y1_again, (n, *sp))
             scale2 = p[3] * rstd2
             shift2 = p[4] - mean2 * scale2
             bn_relu(y1, scale2, shift2, z2)
@@ -293,6 +308,21 @@ def backward(grad, saved: Saved, params, running, masks, spec: BlockSpec,
     finalize(0, c0, dX[:, :c0])
     dx = rows.to_layout(rows.nchw(dbuf.view(m, c_total)[:, :c0], n, *sp), channels_last)
     return [dx, *grads]
+
+
+def _bottleneck_again(X, c_in, p, mean1, rstd1, layer_masks, drop_rate, chunk, scratch, out, shape):
+    """Layer's bottleneck output conv1(relu(bn1(X[:, :c_in]))) (with its dropout) into ``out``,
+    as forward computed it."""
+    scale1 = p[0] * rstd1
+    shift1 = p[1] - mean1 * scale1
+    m = X.shape[0]
+    for lo in range(0, m, chunk):
+        hi = min(lo + chunk, m)
+        z = bn_relu(X[lo:hi, :c_in], scale1, shift1, scratch[: (hi - lo) * c_in].view(hi - lo, c_in))
+        rows.product(z, p[2], out[lo:hi])
+    if layer_masks:
+        rows.nchw(out, *shape).mul_(_scaled_mask(layer_masks[0], drop_rate, out.dtype))
+    return out
 
 
 def check_args(x, params, running, masks, spec: BlockSpec) -> None:

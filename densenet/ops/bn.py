@@ -6,7 +6,7 @@ saving only its input for backward (the BN-ReLU output is recomputed):
 * ``bn_relu_maxpool``: the ImageNet stem's BN-ReLU-max-pooling. Max pooling commutes with the
   monotone ReLU, so with the fused kernel one pass over x gives the output: neither the BN-ReLU
   output (4x the output's size) nor pooling indices are stored; backward finds each window's
-  maximum again from x;
+  maximum again from x (a volume's stem pools one volume's BN-ReLU output at a time);
 * ``bn_relu_conv``: a transition's BN-ReLU-Conv1x1 (with dropout after the convolution), row
   chunk by row chunk, as the dense block's bottleneck runs;
 * ``bn_relu_pool_conv``: a transition without active dropout, avgpool(conv1x1(relu(bn(x)))) as
@@ -105,12 +105,17 @@ def bn_relu_backward(grad, x, gamma, beta, stats, running, eps, batch_stats):
 
 # ----------------------------------------------------------------------------- maxpool(relu(bn(x)))
 
-def pooled_size(h: int, w: int, kernel, stride, padding):
-    return ((h + 2 * padding[0] - kernel[0]) // stride[0] + 1,
-            (w + 2 * padding[1] - kernel[1]) // stride[1] + 1)
+def pooled_size(*args):
+    """``pooled_size(h, w, kernel, stride, padding)`` (or ``d, h, w, ...``): the output sizes
+    of a max pooling without ceil mode or dilation."""
+    *sizes, kernel, stride, padding = args
+    return tuple((s + 2 * p - k) // st + 1 for s, k, st, p in zip(sizes, kernel, stride, padding))
 
 
 def bn_relu_maxpool_forward(x, gamma, beta, running, eps, batch_stats, kernel, stride, padding):
+    if x.dim() == 5:
+        return _bn_relu_maxpool3d_forward(x, gamma, beta, running, eps, batch_stats, kernel, stride,
+                                          padding)
     n, c, h, w = x.shape
     X = rows.rows(x)
     stats = batch_stats_of(X, eps, batch_stats)
@@ -123,6 +128,9 @@ def bn_relu_maxpool_forward(x, gamma, beta, running, eps, batch_stats, kernel, s
 
 def bn_relu_maxpool_backward(grad, x, gamma, beta, stats, running, eps, batch_stats, kernel, stride,
                              padding):
+    if x.dim() == 5:
+        return _bn_relu_maxpool3d_backward(grad, x, gamma, beta, stats, running, eps, batch_stats,
+                                           kernel, stride, padding)
     n, c, h, w = x.shape
     X = rows.rows(x)
     mean, rstd, scale, shift = terms(gamma, beta, stats, running, eps, batch_stats)
@@ -130,6 +138,51 @@ def bn_relu_maxpool_backward(grad, x, gamma, beta, stats, running, eps, batch_st
     sums = bn_relu_maxpool_grad(X.view(n, h, w, c), scale, shift, mean, kernel, stride, padding,
                                 grad.permute(0, 2, 3, 1).contiguous(), G.view(n, h, w, c))
     return _grad_end(X, G, sums, mean, rstd, scale, shift, batch_stats, G, x.shape, rows.is_channels_last(x))
+
+
+# A volume's stem: one volume at a time, its BN-ReLU output in a scratch buffer of one volume
+# and pooled from there (recomputed in backward, with the pooling's indices, so the gradient
+# goes where the plain modules send it). Only x is kept: the BN-ReLU output (8x the pooled
+# output's size) and the int64 indices are never stored.
+
+def _bn_relu_maxpool3d_forward(x, gamma, beta, running, eps, batch_stats, kernel, stride, padding):
+    n, c, *sp = x.shape
+    s = rows.spatial_numel(x.shape)
+    X = rows.rows(x)
+    stats = batch_stats_of(X, eps, batch_stats)
+    _, _, scale, shift = terms(gamma, beta, stats, running, eps, batch_stats)
+    out = buffers.huge_empty((n, *pooled_size(*sp, kernel, stride, padding), c), X)
+    scratch = X.new_empty(s * c)
+    for i in range(n):
+        z = bn_relu(X[i * s:(i + 1) * s], scale, shift, scratch.view(s, c))
+        pooled = F.max_pool3d(rows.nchw(z, 1, *sp), kernel, stride, padding)
+        out[i].copy_(pooled[0].permute(1, 2, 3, 0))
+    return rows.like_layout(out.permute(0, 4, 1, 2, 3), x), stats
+
+
+def _bn_relu_maxpool3d_backward(grad, x, gamma, beta, stats, running, eps, batch_stats, kernel, stride,
+                                padding):
+    n, c, *sp = x.shape
+    s = rows.spatial_numel(x.shape)
+    X = rows.rows(x)
+    mean, rstd, scale, shift = terms(gamma, beta, stats, running, eps, batch_stats)
+    dX = buffers.huge_empty(X.shape, X)  # written (not added to), volume by volume
+    sums = torch.zeros(2, c, dtype=torch.float64, device=X.device)
+    scratch = X.new_empty(s * c)
+    for i in range(n):
+        lo, hi = i * s, (i + 1) * s
+        z = bn_relu(X[lo:hi], scale, shift, scratch.view(s, c))
+        zimg = rows.nchw(z, 1, *sp)
+        _, idx = F.max_pool3d(zimg, kernel, stride, padding, return_indices=True)
+        # the gradient in zimg's (channels-last) layout, else the kernel copies zimg
+        gz = torch.ops.aten.max_pool3d_with_indices_backward(rows.to_layout(grad[i:i + 1], True), zimg,
+                                                             kernel, stride, padding, [1, 1, 1], False, idx)
+        bn_relu_grad(X[lo:hi], rows.rows(gz), scale, shift, mean, dx=dX[lo:hi], sums=sums, assign=True,
+                     tmp=z)
+    # channels-last whatever x's layout: a contiguous copy would be one more map of x's size
+    # at the step's memory peak (the stem's backward, with x and dX alive); the convolution
+    # before takes it as it is
+    return _input_grad(X, dX, sums, mean, rstd, scale, batch_stats, x.shape, True)
 
 
 # ----------------------------------------------------------------------------- conv1x1(relu(bn(x)))

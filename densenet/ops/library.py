@@ -59,7 +59,7 @@ def _(x, params, running, masks, growth_rate, bottleneck, eps, batch_stats, drop
     buf = x.new_empty((n, *sp, c0 + num * growth_rate))
     inner = params[2].shape[0] if bottleneck else 0
     m = n * rows.spatial_numel(x.shape)
-    y1 = x.new_empty((num, m, inner)) if bottleneck and save else x.new_empty(0)
+    y1 = x.new_empty((num, m, inner)) if block.keeps_bottleneck(x.dim(), bottleneck, save) else x.new_empty(0)
     stats1 = x.new_empty((2, c0 + num * growth_rate), dtype=sd) if batch_stats else x.new_empty(0, dtype=sd)
     stats2 = (x.new_empty((num, 2, inner), dtype=sd) if batch_stats and bottleneck
               else x.new_empty(0, dtype=sd))
@@ -175,9 +175,9 @@ def bn_relu_maxpool_op(x: Tensor, gamma: Tensor, beta: Tensor, running: list[Ten
 
 @bn_relu_maxpool_op.register_fake
 def _(x, gamma, beta, running, eps, batch_stats, kernel, stride, padding):
-    n, c, h, w = x.shape
-    oh, ow = bn.pooled_size(h, w, kernel, stride, padding)
-    return rows.empty_like_layout(x, (n, c, oh, ow)), _stats_like(x, batch_stats)
+    n, c, *sp = x.shape
+    return (rows.empty_like_layout(x, (n, c, *bn.pooled_size(*sp, kernel, stride, padding))),
+            _stats_like(x, batch_stats))
 
 
 @torch.library.custom_op("densenet::bn_relu_maxpool_backward", mutates_args=())
@@ -190,6 +190,9 @@ def bn_relu_maxpool_backward_op(grad: Tensor, x: Tensor, gamma: Tensor, beta: Te
 
 @bn_relu_maxpool_backward_op.register_fake
 def _(grad, x, gamma, beta, stats, running, eps, batch_stats, kernel, stride, padding):
+    if x.dim() == 5:  # a volume's input gradient comes channels-last (densenet.ops.bn)
+        return [rows.empty_like_layout(x, x.shape, channels_last=True), torch.empty_like(gamma),
+                torch.empty_like(beta)]
     return _bn_grads_like(x, gamma, beta)
 
 

@@ -327,7 +327,7 @@ def children_forward(mods: list[nn.Module], x: torch.Tensor, relu: bool = True) 
     while i < len(mods):
         mod = mods[i]
         last = i == len(mods) - 1
-        if (type(mod) is nn.BatchNorm2d and i + 2 < len(mods) and type(mods[i + 1]) is nn.ReLU
+        if (type(mod) in (nn.BatchNorm2d, nn.BatchNorm3d) and i + 2 < len(mods) and type(mods[i + 1]) is nn.ReLU
                 and maxpool_fusable(mods[i + 2], x) and _bn_ok(mod, x)
                 and not hooked(*mods[i:i + 3])):
             x = bn_relu_maxpool_forward(mod, mods[i + 2], x)
@@ -353,12 +353,14 @@ def bn_relu_forward(norm: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def bn_relu_maxpool_forward(norm: nn.BatchNorm2d, pool: nn.MaxPool2d, x: torch.Tensor) -> torch.Tensor:
-    """pool(relu(norm(x))) (the ImageNet stem after its convolution) as one op."""
+def bn_relu_maxpool_forward(norm, pool, x: torch.Tensor) -> torch.Tensor:
+    """pool(relu(norm(x))) (the ImageNet stem after its convolution) as one op, for images
+    and volumes."""
     running, batch = _bn_inputs(norm)
+    size = _ntuple(x.dim() - 2)
     out, stats = bn_relu_maxpool_op(x, norm.weight, norm.bias, running, norm.eps, batch,
-                                    list(_pair(pool.kernel_size)), list(_pair(pool.stride)),
-                                    list(_pair(pool.padding)))
+                                    list(size(pool.kernel_size)), list(size(pool.stride)),
+                                    list(size(pool.padding)))
     _after_bn(norm, x, stats, batch)
     return out
 
@@ -366,10 +368,12 @@ def bn_relu_maxpool_forward(norm: nn.BatchNorm2d, pool: nn.MaxPool2d, x: torch.T
 def maxpool_fusable(pool, x: torch.Tensor) -> bool:
     """A max pooling the fused stem op computes as ``F.max_pool2d`` does (else the module runs,
     and raises its own errors for invalid settings)."""
-    if (type(pool) is not nn.MaxPool2d or pool.return_indices or pool.ceil_mode
-            or _pair(pool.dilation) != (1, 1)):
+    dims = x.dim() - 2
+    if ({2: nn.MaxPool2d, 3: nn.MaxPool3d}.get(dims) is not type(pool) or pool.return_indices
+            or pool.ceil_mode or _ntuple(dims)(pool.dilation) != (1,) * dims):
         return False
-    k, s, p = _pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding)
+    size = _ntuple(dims)
+    k, s, p = size(pool.kernel_size), size(pool.stride), size(pool.padding)
     if not all(kk > 0 and ss > 0 and 0 <= pp <= kk // 2 for kk, ss, pp in zip(k, s, p)):
         return False
     from .bn import pooled_size
