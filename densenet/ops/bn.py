@@ -29,6 +29,15 @@ from . import buffers, rows
 _CONV = {2: F.conv2d, 3: F.conv3d}
 _AVG_POOL = {2: F.avg_pool2d, 3: F.avg_pool3d}
 _AVG_POOL_BACKWARD = {2: torch.ops.aten.avg_pool2d_backward, 3: torch.ops.aten.avg_pool3d_backward}
+
+
+def _pool_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype average pooling runs in: float32 for a bf16/fp16 volume on the CPU, which
+    PyTorch's avg_pool3d does not implement ("avg_pool3d_out_frame" not implemented for
+    'BFloat16'), else the map's own."""
+    if t.dim() == 5 and t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return t.dtype
 from .elementwise import (bn_grad_apply, bn_relu, bn_relu_grad, bn_relu_maxpool,
                           bn_relu_maxpool_grad, col_affine_add, col_stats)
 
@@ -252,8 +261,9 @@ def bn_relu_pool_conv_forward(x, gamma, beta, running, eps, batch_stats, weight,
     for i0, i1 in chunks:
         lo, hi = i0 * s, i1 * s
         z = bn_relu(X[lo:hi], scale, shift, scratch[: (hi - lo) * c].view(hi - lo, c))
-        pooled = _AVG_POOL[len(sp)](rows.nchw(z, i1 - i0, *sp), kernel, stride, padding, ceil_mode,
-                                    count_include_pad)
+        zimg = rows.nchw(z, i1 - i0, *sp)
+        pooled = _AVG_POOL[len(sp)](zimg.to(_pool_dtype(zimg)), kernel, stride, padding, ceil_mode,
+                                    count_include_pad).to(z.dtype)
         outs.append(_CONV[len(sp)](pooled, weight))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return rows.like_layout(out, x), stats
@@ -275,11 +285,12 @@ def bn_relu_pool_conv_backward(grad, x, gamma, beta, stats, running, eps, batch_
         lo, hi = i0 * s, i1 * s
         z = bn_relu(X[lo:hi], scale, shift, scratch[: (hi - lo) * c].view(hi - lo, c))
         zimg = rows.nchw(z, i1 - i0, *sp)
+        pd = _pool_dtype(zimg)
         dzp, dwc, _ = torch.ops.aten.convolution_backward(
-            grad[i0:i1], _AVG_POOL[d](zimg, *pool_args[:5]), weight, None, [1] * d, [0] * d, [1] * d,
-            False, [0] * d, 1, [True, True, False])
+            grad[i0:i1], _AVG_POOL[d](zimg.to(pd), *pool_args[:5]).to(z.dtype), weight, None, [1] * d,
+            [0] * d, [1] * d, False, [0] * d, 1, [True, True, False])
         dw = dwc if dw is None else dw.add_(dwc)
-        g = rows.rows(_AVG_POOL_BACKWARD[d](dzp, zimg, *pool_args))  # a new tensor
+        g = rows.rows(_AVG_POOL_BACKWARD[d](dzp.to(pd), zimg.to(pd), *pool_args).to(z.dtype))  # a new tensor
         bn_relu_grad(X[lo:hi], g, scale, shift, mean, dx=dX[lo:hi], sums=sums, assign=True, tmp=z)
     dx, dgamma, dbeta = _input_grad(X, dX, sums, mean, rstd, scale, batch_stats, x.shape,
                                     rows.is_channels_last(x))
