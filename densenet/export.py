@@ -49,6 +49,10 @@ def metadata(loaded: Loaded) -> dict:
     meta = {"model": loaded.name, "classes": loaded.classes, "preprocess": loaded.preprocess,
             "input": "images: float32 (N, 3, H, W), normalised with preprocess mean/std",
             "output": "logits: float32 (N, num_classes)"}
+    if loaded.pre.kind == "volume":
+        meta["input"] = (f"volumes: float32 (N, {loaded.pre.channels}, D, H, W) = (N, C, "
+                         f"{', '.join(map(str, loaded.pre.shape))}), RAS+ orientation, resized "
+                         f"and normalised per volume as preprocess says (intensity)")
     if loaded.multi_label:  # a sigmoid per label, and the threshold where each says "yes"
         meta.update(task="multi-label", thresholds=loaded.thresholds,
                     output="logits: float32 (N, num_labels); sigmoid(logit) is the label's "
@@ -68,9 +72,9 @@ def export(loaded: Loaded, fmt: str, out: str | os.PathLike, tolerance: float | 
     # The files must run without this package: the plain modules, not the densenet:: ops (an
     # ExportedProgram of the default model would hold them; ONNX and TorchScript know neither).
     model = copy.deepcopy(loaded.model).cpu().float().eval().set_implementation("reference")
-    size = loaded.pre.input_size
+    size = input_shape(loaded)
     in_channels = model.features.conv0.in_channels
-    example = torch.randn(2, in_channels, size, size, generator=torch.Generator().manual_seed(seed))
+    example = torch.randn(2, in_channels, *size, generator=torch.Generator().manual_seed(seed))
     meta = json.dumps(metadata(loaded))
     tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")  # keep the suffix: torch.export checks it
     try:
@@ -86,6 +90,13 @@ def export(loaded: Loaded, fmt: str, out: str | os.PathLike, tolerance: float | 
             "max_abs_diff": diff.max_abs_diff, "logit_scale": diff.scale,
             "max_rel_diff": diff.relative, "tolerance": tol,
             "check_batches": list(CHECK_BATCHES), "ok": diff.relative <= tol}
+
+
+def input_shape(loaded: Loaded) -> tuple[int, ...]:
+    """The spatial shape of the model's input: (H, W) for images, (D, H, W) for volumes."""
+    if loaded.pre.kind == "volume":
+        return tuple(loaded.pre.shape)
+    return (loaded.pre.input_size,) * getattr(loaded.model, "spatial_dims", 2)
 
 
 def _batch_dim():
@@ -154,16 +165,18 @@ def load_exported(fmt: str, path: str | os.PathLike):
 
 @torch.no_grad()
 def verify(fmt: str, path: str | os.PathLike, model: torch.nn.Module, in_channels: int,
-           size: int, seed: int = 1) -> Difference:
+           size: int | tuple, seed: int = 1) -> Difference:
     """The logit difference between the file and ``model`` on random N(0, 1) inputs (the scale
-    of normalised images) at each of CHECK_BATCHES."""
+    of normalised images) at each of CHECK_BATCHES; ``size`` is the side of a square image or
+    the input's spatial shape."""
+    shape = (size, size) if isinstance(size, int) else tuple(size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run = load_exported(fmt, path)
         gen = torch.Generator().manual_seed(seed)
         diff = scale = 0.0
         for n in CHECK_BATCHES:
-            x = torch.randn(n, in_channels, size, size, generator=gen)
+            x = torch.randn(n, in_channels, *shape, generator=gen)
             expected = model(x).float()
             diff = max(diff, (run(x).float() - expected).abs().max().item())
             scale = max(scale, expected.abs().max().item())

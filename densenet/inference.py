@@ -172,13 +172,41 @@ class _ImageFileSet(torch.utils.data.Dataset):
         return self.transform(open_image(path, self.pre)), int(label)
 
 
+# ----------------------------------------------------------------------------- volumes
+
+def open_volume(path: str | Path, pre: Preprocess) -> torch.Tensor:
+    """A volume file (NIfTI, NumPy) as the model's input: float32 (C, D, H, W), resized and
+    normalised as training prepared its volumes (a "volume" record); clear errors for a bad
+    file or one with another number of channels."""
+    from .volumes import prepare_volume, read_volume
+    if pre.kind != "volume":
+        raise UsageError(f"{path} is a volume but the model was trained on {pre.kind} images; "
+                         f"give it image files.")
+    array = read_volume(path)
+    if array.shape[0] != pre.channels:
+        raise UsageError(f"{path} has {array.shape[0]} channel(s) but the model was trained on "
+                         f"{pre.channels}-channel volumes.")
+    return prepare_volume(array, pre.shape, pre.intensity)
+
+
+def _open_input(path: Path, pre: Preprocess) -> torch.Tensor:
+    """One input file as the model sees it: a volume for a volume model, else an image."""
+    if pre.kind == "volume":
+        return open_volume(path, pre)
+    from .volumes import is_volume_file
+    if is_volume_file(path):
+        raise UsageError(f"{path} is a volume but the model was trained on 2-D images; give it "
+                         f"image files.")
+    return pre.eval_transform()(open_image(path, pre))
+
+
 # ----------------------------------------------------------------------------- predict
 
 def predict(loaded: Loaded, images: Iterable[str | Path], topk: int = 5,
             batch_size: int = 32, device: torch.device | str = "cpu") -> list[dict]:
-    """Top-k ``[(class name, probability), ...]`` for each image file, in order."""
+    """Top-k ``[(class name, probability), ...]`` for each image (or volume) file, in order."""
     pre = loaded.pre
-    if pre.mean is None:
+    if pre.mean is None and pre.kind != "volume":
         raise UsageError(f"{loaded.source} does not say how its inputs were normalised (a "
                          f"small-image net from a foreign file); predict needs a checkpoint "
                          f"written by 'densenet train'.")
@@ -186,9 +214,8 @@ def predict(loaded: Loaded, images: Iterable[str | Path], topk: int = 5,
     num_classes = loaded.model.classifier.out_features
     if names is None:
         names = imagenet_class_names() if num_classes == 1000 else [str(i) for i in range(num_classes)]
-    transform = pre.eval_transform()
     paths = [Path(p) for p in images]
-    tensors = [transform(open_image(p, pre)) for p in paths]  # every path checked before any work
+    tensors = [_open_input(p, pre) for p in paths]  # every path checked before any work
     model = loaded.model.to(device).eval()
     k = min(topk, num_classes)
     out = []
@@ -251,6 +278,36 @@ def _relabelled(batches: Iterable, mapping: torch.Tensor) -> Iterator:
 SPLITS = ("test", "val", "train")
 
 
+def open_data(data: str, loaded: Loaded):
+    """The data set at ``data`` read as ``loaded``'s training read its data: volumes resized
+    and normalised by the checkpoint's record, images and CSV manifests as ``densenet train``
+    reads them."""
+    from .volumes import detect_volumes, open_volumes
+    pre = loaded.pre
+    is_csv = str(data).lower().endswith(".csv")
+    if pre.kind == "volume":
+        if Path(data).expanduser().exists() and not detect_volumes(data, csv_options=loaded.csv_options if is_csv else None):
+            raise UsageError(f"{loaded.source} is a volume model but {data} holds no volume files "
+                             f"(.nii, .nii.gz, .npy, .npz in class folders, or a CSV manifest of "
+                             f"them); evaluate it on volumes like its training data.")
+        ds = open_volumes(data, shape=pre.shape, intensity=pre.intensity,
+                          csv_options=loaded.csv_options if is_csv else None)
+        channels = int(ds.train.images.shape[1])
+        if channels != pre.channels:
+            raise UsageError(f"{data} holds {channels}-channel volumes but {loaded.source} was "
+                             f"trained on {pre.channels}-channel ones.")
+        return ds
+    if Path(data).expanduser().exists() and detect_volumes(data):
+        raise UsageError(f"{data} holds volumes but {loaded.source} is a 2-D image model; "
+                         f"evaluate a model trained on volumes.")
+    return data_mod.open_dataset(data, csv_options=loaded.csv_options)
+
+
+def _volume_loader(part, device, batch_size: int | None):
+    from .volumes import VolumeLoader
+    return VolumeLoader(part.to(device), batch_size or 4)
+
+
 def _pick_split(ds, split: str | None):
     if split is not None:
         part = getattr(ds, split)
@@ -275,7 +332,7 @@ def evaluate(loaded: Loaded, data: str, split: str | None = None, ten_crop: bool
     corners and centre, and their mirrors; softmax averaged); the single-crop numbers then come
     from the centre crop of the same pass.
     """
-    ds = data_mod.open_dataset(data, csv_options=loaded.csv_options)
+    ds = open_data(data, loaded)
     split, part = _pick_split(ds, split)
     device = torch.device(device)
     model = loaded.model.to(device).eval()
@@ -283,13 +340,21 @@ def evaluate(loaded: Loaded, data: str, split: str | None = None, ten_crop: bool
         return _evaluate_multilabel(loaded, ds, data, split, part, batch_size, device, workers)
     mapping = class_index_map(ds.classes, loaded.classes, model.classifier.out_features, loaded.source)
     pre = loaded.pre
+    result = {"model": loaded.name, "checkpoint": loaded.source, "data": str(data),
+              "dataset": ds.name, "split": split, "n": len(part)}
+    if pre.kind == "volume":
+        if ten_crop:
+            raise UsageError("--ten-crop is the ImageNet protocol (crops of a resized image); "
+                             "volumes are evaluated whole. Leave out --ten-crop.")
+        r = evaluate_batches(model, _relabelled(_volume_loader(part, device, batch_size), mapping), device)
+        result["single_crop"] = {"top1_error": r["error"], "top5_error": r["top5_error"],
+                                 "loss": r["loss"]}
+        return result
     if ds.small != (pre.kind == "small"):
         raise UsageError(
             f"{loaded.source} was trained on {'small (32 px)' if pre.kind == 'small' else 'large (ImageNet-size)'} "
             f"images but {data} holds {'small' if ds.small else 'large'} ones; evaluate on data "
             f"like the training data.")
-    result = {"model": loaded.name, "checkpoint": loaded.source, "data": str(data),
-              "dataset": ds.name, "split": split, "n": len(part)}
     if ds.small:
         if ten_crop:
             raise UsageError("--ten-crop is the ImageNet protocol (224-pixel crops of a 256-pixel "
@@ -337,7 +402,9 @@ def _evaluate_multilabel(loaded: Loaded, ds, data, split, part, batch_size, devi
                          f"trained on (its labels: {', '.join(loaded.classes)}).")
     cols = [where[n] for n in ds.classes]
     pre = loaded.pre
-    if ds.small:
+    if pre.kind == "volume":
+        loader = _volume_loader(part, device, batch_size)
+    elif ds.small:
         loader = data_mod.DeviceLoader(part.to(device), batch_size or 500, preprocess=pre)
     else:
         loader = data_mod.make_file_loader(part, batch_size or 100, train=False, preprocess=pre,

@@ -22,7 +22,7 @@ from .errors import UsageError
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-KINDS = ("small", "imagenet")
+KINDS = ("small", "imagenet", "volume")
 
 
 # ----------------------------------------------------------------------------- pixels
@@ -99,7 +99,10 @@ class _EachCrop:
 class Preprocess:
     """How a model's inputs were made from image files.
 
-    ``kind`` "small": images of at most 64 px, decoded whole into a uint8 tensor and
+    ``kind`` "volume": volume files (NIfTI, NumPy) read as ``channels`` channels, resized to
+    ``shape`` (D, H, W) and normalised per volume by ``intensity`` ("zscore" or "percentile",
+    :func:`densenet.volumes.prepare_volume`); ``input_size`` is the shape's last size and
+    mean/std are None. ``kind`` "small": images of at most 64 px, decoded whole into a uint8 tensor and
     normalised; every input is resized to ``image_size`` and, when that is smaller than
     ``input_size`` (small images fine-tuning an ImageNet-stem model), upscaled bilinearly after
     normalisation. ``kind`` "imagenet": image files resized so their short side is ``resize``
@@ -115,21 +118,33 @@ class Preprocess:
     image_size: int | None = None
     resize: int | None = None
     mode: str = DEFAULT_MODE
+    shape: tuple[int, int, int] | None = None
+    intensity: str | None = None
+    channels: int | None = None
 
     def __post_init__(self):
         # lists, tensors and numpy numbers in; plain tuples and ints kept (hashable, comparable)
         object.__setattr__(self, "mean", _stats(self.mean))
         object.__setattr__(self, "std", _stats(self.std))
-        for name in ("input_size", "image_size", "resize"):
+        for name in ("input_size", "image_size", "resize", "channels"):
             v = getattr(self, name)
             if isinstance(v, np.integer):
                 object.__setattr__(self, name, int(v))
+        if self.shape is not None and isinstance(self.shape, (list, tuple, np.ndarray, torch.Tensor)):
+            object.__setattr__(self, "shape", tuple(int(v) for v in self.shape))
         _check(self)
 
     @classmethod
     def small(cls, image_size: int, input_size: int, mean, std) -> "Preprocess":
         """Small images of ``image_size`` px fed at ``input_size`` (larger when upscaled)."""
         return cls("small", input_size, mean, std, image_size=image_size)
+
+    @classmethod
+    def volume(cls, shape, intensity: str, channels: int) -> "Preprocess":
+        """Volumes of ``channels`` channels resized to ``shape`` and normalised by ``intensity``."""
+        shape = tuple(int(v) for v in shape)
+        return cls("volume", shape[-1], None, None, shape=shape, intensity=intensity,
+                   channels=channels)
 
     @classmethod
     def files(cls, input_size: int, mean, std, resize: int | None = None) -> "Preprocess":
@@ -165,7 +180,8 @@ class Preprocess:
             resize = resize_for(size)
         try:
             return cls(kind, size, d["mean"], d["std"], image_size=image_size, resize=resize,
-                       mode=d.get("mode", DEFAULT_MODE))
+                       mode=d.get("mode", DEFAULT_MODE), shape=d.get("shape"),
+                       intensity=d.get("intensity"), channels=d.get("channels"))
         except UsageError as e:
             raise UsageError(f"{where}: {e}") from None
 
@@ -176,6 +192,8 @@ class Preprocess:
              "std": None if self.std is None else list(self.std), "mode": self.mode}
         if self.kind == "small":
             d["image_size"] = self.image_size
+        if self.kind == "volume":
+            d.update(shape=list(self.shape), intensity=self.intensity, channels=self.channels)
         return d
 
     @property
@@ -267,7 +285,13 @@ def _stats(v) -> tuple[float, float, float] | None:
 
 def _check(p: Preprocess) -> None:
     if p.kind not in KINDS:
-        raise UsageError(f"kind must be 'small' or 'imagenet', not {p.kind!r}.")
+        raise UsageError(f"kind must be 'small', 'imagenet' or 'volume', not {p.kind!r}.")
+    if p.kind == "volume":
+        _check_volume(p)
+        return
+    if p.shape is not None or p.intensity is not None or p.channels is not None:
+        raise UsageError(f"shape, intensity and channels describe volumes; an {p.kind!r} record "
+                         f"has None.")
     if not _is_size(p.input_size):
         raise UsageError(f"input_size must be a whole number of pixels >= 1, not {p.input_size!r}.")
     if p.kind == "small":
@@ -296,3 +320,20 @@ def _check(p: Preprocess) -> None:
         raise UsageError(f"pixel conversion {p.mode!r} is not one this version knows "
                          f"({', '.join(CONVERSIONS)}); the checkpoint was written by a newer "
                          f"densenet: pip install -U densenet-torch.")
+
+
+def _check_volume(p: Preprocess) -> None:
+    from .volumes import INTENSITY_MODES
+    if (not isinstance(p.shape, tuple) or len(p.shape) != 3 or not all(_is_size(v) for v in p.shape)):
+        raise UsageError(f"a volume record needs shape, three sizes (D, H, W) >= 1, not {p.shape!r}.")
+    if p.input_size != p.shape[-1]:
+        raise UsageError(f"a volume record's input_size is its shape's last size ({p.shape[-1]}), "
+                         f"not {p.input_size!r}.")
+    if p.intensity not in INTENSITY_MODES:
+        raise UsageError(f"a volume record's intensity must be one of {', '.join(INTENSITY_MODES)}, "
+                         f"not {p.intensity!r}.")
+    if not _is_size(p.channels):
+        raise UsageError(f"a volume record needs channels, a whole number >= 1, not {p.channels!r}.")
+    if p.mean is not None or p.std is not None or p.image_size is not None or p.resize is not None:
+        raise UsageError("volumes are normalised per volume (intensity); a volume record has no "
+                         "mean, std, image_size or resize.")

@@ -197,9 +197,29 @@ def learning_rate(recipe: Recipe, epoch: int, history: list[dict] | None = None)
 
 # ----------------------------------------------------------------------------- data
 
+def default_recipe(data: str | None) -> str:
+    """The recipe a run without ``--recipe`` uses: "volume" for volume data (NIfTI / NumPy
+    class folders or CSV manifest), else the quickstart."""
+    from .volumes import detect_volumes
+    return "volume" if data is not None and detect_volumes(data) else "quickstart"
+
+
 def _load_data(cfg: TrainConfig):
     if cfg.recipe.dataset == "cifar10-sample" and cfg.data is None:
         return load_cifar10_sample()
+    from .volumes import detect_volumes, open_volumes
+    r = cfg.recipe
+    if cfg.data is not None and (r.dataset == "volumes" or detect_volumes(cfg.data)):
+        if not Path(cfg.data).expanduser().exists():
+            raise UsageError(f"data path {cfg.data} does not exist; give a folder of class folders "
+                             f"of volume files (.nii, .nii.gz, .npy, .npz) or a CSV manifest of them.")
+        if r.dataset == "volumes" and not detect_volumes(cfg.data):
+            raise UsageError(f"recipe {r.name!r} trains on volumes, but {cfg.data} holds no volume "
+                             f"files (.nii, .nii.gz, .npy, .npz in class folders, or a CSV manifest "
+                             f"of them); choose another recipe for images.")
+        return open_volumes(cfg.data, shape=r.volume_shape(), intensity=r.intensity,
+                            on_bad=r.on_bad, csv_options=options_from_fields(r)
+                            if str(cfg.data).lower().endswith(".csv") else None)
     if cfg.data is None:
         raise UsageError(
             f"recipe {cfg.recipe.name!r} needs --data PATH: a CIFAR archive or folder, SVHN .mat "
@@ -253,12 +273,14 @@ class _Splits:
                 self.split_record.update(group_column=r.group_column,
                                          val_groups=sorted({ds.groups[i] for i in val_idx.tolist()}))
         self.train, self.val, self.test = train, val, ds.test
-        self.mean, self.std = _normalisation(cfg, ds)
+        self.volumes = ds.name == "volumes"
+        self.mean, self.std = (None, None) if self.volumes else _normalisation(cfg, ds)
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world_size
         # Small images fed to an ImageNet-stem model (fine-tuning one) are upscaled on the
         # device to the recipe's input size: at 32 px its stride-32 features would be 1x1.
-        self.image_size = int(train.images.shape[-1]) if ds.small else None
-        self.upscale = (ds.small and model_info(cfg.model).kwargs.get("stem") == "imagenet"
+        self.image_size = int(train.images.shape[-1]) if ds.small and not self.volumes else None
+        self.upscale = (ds.small and not self.volumes
+                        and model_info(cfg.model).kwargs.get("stem") == "imagenet"
                         and r.input_size > self.image_size)
         if ds.small:
             # The whole small-image data set lives on the training device as uint8.
@@ -266,8 +288,21 @@ class _Splits:
             self.val = self.val.to(device) if self.val is not None else None
             self.test = self.test.to(device) if self.test is not None else None
 
+    def model_overrides(self) -> dict:
+        """What the data makes of the model besides its classes: volumes build it 3-D with
+        their channels."""
+        if self.volumes:
+            return {"spatial_dims": 3, "in_channels": int(self.train.images.shape[1])}
+        return {}
+
     def loader(self, part, train: bool):
         r, cfg, pre = self.cfg.recipe, self.cfg, self.record()
+        if self.volumes:
+            from .volumes import VolumeLoader
+            return VolumeLoader(part, r.batch_size // self.world if train else max(1, r.batch_size),
+                                shuffle=train, augment=r.volume_augment() if train else None,
+                                seed=cfg.seed, rank=self.rank if train else 0,
+                                world_size=self.world if train else 1)
         if self.ds.small:
             eval_batch = 500 if not self.upscale else max(16, 500 * self.image_size ** 2 // r.input_size ** 2)
             return data_mod.DeviceLoader(part, r.batch_size // self.world if train else eval_batch,
@@ -287,6 +322,9 @@ class _Splits:
         and are fed at ``input_size`` (larger when upscaled); large ones Resize + crop. The
         loaders here and every command reading the checkpoint use this one record."""
         r = self.cfg.recipe
+        if self.volumes:
+            return Preprocess.volume(tuple(self.train.images.shape[2:]), r.intensity,
+                                     int(self.train.images.shape[1]))
         if self.ds.small:
             return Preprocess.small(self.image_size, r.input_size if self.upscale else self.image_size,
                                     self.mean, self.std)
@@ -332,7 +370,7 @@ def train(model: str | None = None, recipe: str | None = None, data: str | None 
         given = {"model": model, "recipe": recipe, "data": data, "out": out}
         fixed = {k: v for k, v in given.items() if v is not None}
         return _resume(resume, **fixed, **({"set": set_fields} if set_fields else {}), **options)
-    recipe = recipe or "quickstart"
+    recipe = recipe or default_recipe(data)
     if isinstance(options.get("weights"), str):
         # read before a run directory exists, so an unreadable file leaves nothing behind; a
         # checkpoint names its architecture
@@ -447,7 +485,8 @@ class _Run:
         torch.manual_seed(cfg.seed + world.rank)  # dropout differs per process, as it should
         random.seed(cfg.seed)
         self.splits = _Splits(cfg, ds, self.device, world.rank, world.size)
-        self.overrides = {"num_classes": len(ds.classes), "drop_rate": self.recipe.drop_rate}
+        self.overrides = {"num_classes": len(ds.classes), "drop_rate": self.recipe.drop_rate,
+                          **self.splits.model_overrides()}
         self.net = _build_model(cfg, self.overrides, self.device, world)
         self.params = count_parameters(self.net)
         self.optimizer = None  # made once the weights are in (which parts are pretrained)

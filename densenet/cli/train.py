@@ -81,7 +81,7 @@ def _cmd_train(args) -> int:
             raise UsageError("give --out RUN_DIR with --nproc, so that every process writes to "
                              "the same run directory.")
         if not args.resume:  # check the arguments once, before starting any process
-            cfg = train_api.make_config(args.model, args.recipe or "quickstart", args.data,
+            cfg = train_api.make_config(args.model, args.recipe or train_api.default_recipe(args.data), args.data,
                                         args.out, set_fields=set_fields, **options)
             train_api.check_divisible(cfg.recipe.batch_size, args.nproc)
         return launch(args.nproc, _strip_nproc(args.argv))
@@ -94,7 +94,7 @@ def _cmd_train(args) -> int:
                              f"given anew.")
         train_api.train(resume=args.resume, **options)
         return 0
-    train_api.train(args.model, args.recipe or "quickstart", args.data, args.out,
+    train_api.train(args.model, args.recipe or train_api.default_recipe(args.data), args.data, args.out,
                     set_fields=set_fields, **options)
     return 0
 
@@ -119,10 +119,11 @@ def register(sub) -> None:
                        description="Train a DenseNet with one of the paper's recipes into a run "
                        "directory. With no arguments: the quickstart on the embedded CIFAR-10 sample.")
     p.add_argument("--model", help="model name (densenet list: 'densenet models'); default: the recipe's")
-    p.add_argument("--recipe", help="c10, c10+, c100, c100+, svhn, imagenet, finetune or quickstart "
-                   "(the default)")
+    p.add_argument("--recipe", help="c10, c10+, c100, c100+, svhn, imagenet, finetune, chexnet, "
+                   "volume (the default for volume data) or quickstart (the default otherwise)")
     p.add_argument("--data", help="data path: CIFAR archive/folder, SVHN .mat folder, class "
-                   "folders, or a CSV manifest (a path column and class or label columns)")
+                   "folders of images or of volumes (.nii, .nii.gz, .npy, .npz), or a CSV "
+                   "manifest (a path column and class or label columns)")
     p.add_argument("--download", action="store_true", help="fetch CIFAR/SVHN into --data if missing")
     p.add_argument("--image-root", metavar="DIR",
                    help="a CSV manifest's relative image paths resolve here (default: the CSV's "
