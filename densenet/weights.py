@@ -5,12 +5,21 @@ Every DenseNet checkpoint in the wild uses torchvision's state-dict names
 differ only in how the state dict is wrapped (``state_dict``, ``state_dict_ema``, ``model``) and
 prefixed (``module.`` from DDP, ``_orig_mod.`` from ``torch.compile``, ``model.`` from
 Lightning). Files are read with :func:`densenet.rundir.read_file`, which never runs code.
+
+MONAI's DenseNets (``monai.networks.nets.DenseNet121`` etc., any ``spatial_dims``) name a
+layer's parts ``denselayer1.layers.norm1`` and the classifier ``class_layers.out``;
+:func:`canonical_state_dict` gives them (and PyTorch < 0.4's ``norm.1``) this package's names.
+Weights for images load into a model for volumes (``spatial_dims=3``) by I3D inflation
+(:func:`inflate_state_dict`), and weights for RGB into a model of other ``in_channels`` by
+:func:`adapt_input_channels`; :func:`load_strict` does both where needed. See
+``docs/volume-weights.md``.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import re
+from typing import Any, Mapping
 
 import torch
 
@@ -49,17 +58,90 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return extract_state_dict(read_file(path), path)
 
 
-def load_weights_into(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Load weights from a local file into ``model`` strictly, with a clear error on mismatch."""
-    load_strict(model, read_state_dict(path), path)
+def load_weights_into(model: torch.nn.Module, path: str | os.PathLike, inflate: bool = True) -> None:
+    """Load weights from a local file into ``model`` strictly, with a clear error on mismatch
+    (2-D convolutions inflated for a 3-D model unless ``inflate`` is False: :func:`load_strict`)."""
+    load_strict(model, read_state_dict(path), path, inflate=inflate)
+
+
+# A dense layer's parts as MONAI (``denselayer1.layers.norm1``) and PyTorch < 0.4
+# (``denselayer1.norm.1``) name them; ``DenseLayer._load_from_state_dict`` maps the same.
+_LAYER_KEY = re.compile(r"^(.*denselayer\d+\.)(?:layers\.(norm|relu|conv)([12])|(norm|relu|conv)\.([12]))\."
+                        r"(weight|bias|running_mean|running_var|num_batches_tracked)$")
+_MONAI_HEAD = "class_layers.out."
+
+
+def canonical_key(key: str) -> str:
+    """``key`` in this package's (torchvision's) names: MONAI's ``...denselayerN.layers.norm1.*``
+    and legacy ``...denselayerN.norm.1.*`` become ``...denselayerN.norm1.*``, MONAI's
+    ``class_layers.out.*`` becomes ``classifier.*``; any other key is returned as it is."""
+    match = _LAYER_KEY.match(key)
+    if match:
+        head, part, index = match.group(1), match.group(2) or match.group(4), match.group(3) or match.group(5)
+        return f"{head}{part}{index}.{match.group(6)}"
+    if key.startswith(_MONAI_HEAD):
+        return "classifier." + key[len(_MONAI_HEAD):]
+    return key
+
+
+def canonical_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with every key in this package's names (:func:`canonical_key`); the tensors are
+    the same objects."""
+    return {canonical_key(k): v for k, v in state.items()}
+
+
+def _target_state(model_state_or_model) -> Mapping[str, Any]:
+    if isinstance(model_state_or_model, torch.nn.Module):
+        return model_state_or_model.state_dict()
+    return model_state_or_model
+
+
+def _inflatable(w: torch.Tensor, t) -> bool:
+    """A 2-D convolution weight (out, in, kh, kw) meeting a 3-D one (out, in', kd, kh, kw): the
+    same outputs and kernel height and width. ``in'`` may differ (the first convolution's input
+    channels, which :func:`adapt_input_channels` fits before or after)."""
+    shape = tuple(getattr(t, "shape", ()))
+    return (isinstance(w, torch.Tensor) and w.dim() == 4 and len(shape) == 5
+            and shape[0] == w.shape[0] and shape[3:] == tuple(w.shape[2:]))
+
+
+def inflate_weight(w: torch.Tensor, depth: int) -> torch.Tensor:
+    """A 2-D convolution weight (out, in, kh, kw) as a 3-D one (out, in, depth, kh, kw): the
+    kernel repeated ``depth`` times along the new (first spatial) axis and divided by
+    ``depth``, so that a volume constant along depth gives at every depth what the 2-D
+    convolution gives on one slice (I3D inflation, Carreira and Zisserman, CVPR 2017)."""
+    if w.dim() != 4:
+        raise ValueError(f"inflate_weight takes a 2-D convolution weight (out, in, kh, kw), "
+                         f"got shape {tuple(w.shape)}")
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth must be a positive integer, got {depth!r}")
+    return (w.unsqueeze(2).expand(-1, -1, depth, -1, -1) / depth).contiguous()
+
+
+def inflate_state_dict(state: Mapping[str, torch.Tensor], model_state_or_model) -> dict[str, torch.Tensor]:
+    """``state`` (weights of a 2-D model) made to fit a 3-D model (``spatial_dims=3``): every
+    convolution weight (out, in, kh, kw) whose counterpart in ``model_state_or_model`` (the 3-D
+    model or its state dict) is (out, in, kd, kh, kw) is repeated kd times along depth and
+    divided by kd (:func:`inflate_weight`; Carreira and Zisserman 2017). Everything else (BN,
+    the classifier, keys the model lacks, weights that already fit) is returned unchanged,
+    under the same keys; keys are matched in this package's names (:func:`canonical_key`), so
+    MONAI's 2-D files inflate too. The input channels may differ (RGB weights for a
+    one-channel model): fit them with :func:`adapt_input_channels`, before or after."""
+    target = canonical_state_dict(_target_state(model_state_or_model))
+    out = {}
+    for key, w in state.items():
+        t = target.get(canonical_key(key))
+        out[key] = inflate_weight(w, int(t.shape[2])) if t is not None and _inflatable(w, t) else w
+    return out
 
 
 def adapt_input_channels(state: dict[str, torch.Tensor], in_channels: int, key: str) -> dict:
-    """``state`` with the first convolution (``key``, (out, c, kh, kw)) made to take
-    ``in_channels`` channels: for one channel its input channels are summed (a grey image
-    replicated to c channels then gives the same output), otherwise they are repeated
-    cyclically and scaled by c / in_channels (the total weight over the input channels keeps
-    its size). The state is returned unchanged when the counts agree."""
+    """``state`` with the first convolution (``key``, (out, c, *kernel), any number of spatial
+    dimensions) made to take ``in_channels`` channels: for one channel its input channels are
+    summed (a grey image replicated to c channels then gives the same output), otherwise they
+    are repeated cyclically and scaled by c / in_channels (the total weight over the input
+    channels keeps its size). The state is returned unchanged when the counts agree. Both
+    rules are linear in the weight, so they commute with :func:`inflate_state_dict`."""
     w = state[key]
     c = w.shape[1]
     if c == in_channels:
@@ -71,15 +153,33 @@ def adapt_input_channels(state: dict[str, torch.Tensor], in_channels: int, key: 
     return {**state, key: new.contiguous()}
 
 
-def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source) -> None:
-    """``model.load_state_dict(state, strict=True)``; a mismatch names ``source`` and the keys.
-    Only the first convolution's input channels may differ: weights for 3-channel images load
-    into a model of ``in_channels`` 1 (or any other count) by :func:`adapt_input_channels`."""
+def fit_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
+                   inflate: bool = True) -> dict[str, torch.Tensor]:
+    """``state`` as :func:`load_strict` loads it into ``model``: keys in this package's names
+    (:func:`canonical_state_dict`: MONAI's load too), 2-D convolutions inflated where ``model``
+    is 3-D (:func:`inflate_state_dict`, unless ``inflate`` is False), then the first
+    convolution's input channels fitted to the model's (:func:`adapt_input_channels`). What
+    does not fit otherwise is left for the strict load to report."""
+    state = canonical_state_dict(state)
     own = model.state_dict()
+    if inflate:
+        state = inflate_state_dict(state, own)
     for key in ("features.conv0.weight", "conv0.weight"):
-        if key in state and key in own and state[key].dim() == 4 and own[key].dim() == 4 \
-                and state[key].shape[0] == own[key].shape[0] and state[key].shape[2:] == own[key].shape[2:]:
-            state = adapt_input_channels(state, own[key].shape[1], key)
+        if key in state and key in own:
+            w, t = state[key], own[key]
+            if w.dim() == t.dim() >= 3 and w.shape[0] == t.shape[0] and w.shape[2:] == t.shape[2:]:
+                state = adapt_input_channels(state, t.shape[1], key)
+    return state
+
+
+def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source, inflate: bool = True) -> None:
+    """``model.load_state_dict(state, strict=True)``; a mismatch names ``source`` and the keys.
+    Only two differences are bridged (:func:`fit_state_dict`): a 2-D file's convolutions meet a
+    3-D model (``spatial_dims=3``) and are inflated (:func:`inflate_state_dict`; ``inflate=False``
+    refuses that), and the first convolution's input channels differ: weights for 3-channel
+    images load into a model of ``in_channels`` 1 (or any other count) by
+    :func:`adapt_input_channels`. MONAI's key names load as well."""
+    state = fit_state_dict(model, state, inflate)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -104,19 +204,23 @@ def read_pretrained(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], l
 
 
 def load_pretrained(model: torch.nn.Module, path: str | os.PathLike, classes: list[str],
-                    new_head: bool = False) -> tuple[bool, str]:
+                    new_head: bool = False, inflate: bool = True) -> tuple[bool, str]:
     """Load the weights in ``path`` into ``model`` (a classifier for ``classes``) to fine-tune
     it: every tensor strictly, except that the file's classifier is kept only when it has the
     same classes (the same count and, when the file names them, the same names; the same names
     in another order reorder its rows); ``new_head`` replaces it anyway (a file that does not
-    name its classes, with as many as the data). Returns (whether the head is new, a line)."""
+    name its classes, with as many as the data). As in :func:`load_strict`, MONAI's names load,
+    2-D weights are inflated for a 3-D model (unless ``inflate`` is False) and the first
+    convolution is fitted to the model's input channels. Returns (whether the head is new, a
+    line)."""
     state, file_classes, _ = read_pretrained(path)
+    state = canonical_state_dict(state)
     head = state.get("classifier.weight")
     n_file = int(head.shape[0]) if head is not None and head.ndim == 2 else None
     if new_head:
         n_file = -1 if n_file is None else n_file  # the replacement below, whatever the file holds
     if not new_head and n_file == len(classes) and (file_classes is None or file_classes == list(classes)):
-        load_strict(model, state, path)
+        load_strict(model, state, path, inflate=inflate)
         return False, f"kept the classifier of {path} ({n_file} classes, as in the data)"
     if (not new_head and n_file == len(classes) and file_classes is not None
             and sorted(file_classes) == sorted(classes)):
@@ -125,7 +229,7 @@ def load_pretrained(model: torch.nn.Module, path: str | os.PathLike, classes: li
         for key in ("classifier.weight", "classifier.bias"):
             if key in state:
                 state[key] = state[key][order]
-        load_strict(model, state, path)
+        load_strict(model, state, path, inflate=inflate)
         return False, f"kept the classifier of {path} (the same {n_file} classes, rows put in the data's order)"
     body = {k: v for k, v in state.items() if not k.startswith("classifier.")}
     own = {k for k in model.state_dict() if not k.startswith("classifier.")}
@@ -136,6 +240,7 @@ def load_pretrained(model: torch.nn.Module, path: str | os.PathLike, classes: li
             f"{' ...' if len(missing) > 3 else ''}; unexpected: {', '.join(unexpected[:3]) or '-'}"
             f"{' ...' if len(unexpected) > 3 else ''}). Check that --model names the architecture "
             f"the file was trained with.")
+    body = fit_state_dict(model, body, inflate)
     try:
         model.load_state_dict(body, strict=False)
     except RuntimeError as e:
