@@ -23,6 +23,7 @@ from .errors import UsageError
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 KINDS = ("small", "imagenet", "volume")
+INTENSITY_MODES = ("zscore", "percentile")  # a volume's normalisation (densenet.volumes.prepare_volume)
 
 
 # ----------------------------------------------------------------------------- pixels
@@ -323,7 +324,6 @@ def _check(p: Preprocess) -> None:
 
 
 def _check_volume(p: Preprocess) -> None:
-    from .volumes import INTENSITY_MODES
     if (not isinstance(p.shape, tuple) or len(p.shape) != 3 or not all(_is_size(v) for v in p.shape)):
         raise UsageError(f"a volume record needs shape, three sizes (D, H, W) >= 1, not {p.shape!r}.")
     if p.input_size != p.shape[-1]:

@@ -40,10 +40,10 @@ import torch.nn.functional as F
 
 from .data import IMAGE_EXTENSIONS, Dataset, ImageTensors, _class_dirs, _epoch_generator
 from .errors import UsageError
+from .preprocess import INTENSITY_MODES
 from .rundir import atomic_write_bytes
 
 VOLUME_EXTENSIONS = (".nii", ".nii.gz", ".npy", ".npz")
-INTENSITY_MODES = ("zscore", "percentile")
 ON_BAD = ("error", "skip")
 CACHE_VERSION = 1
 PERCENTILES = (0.5, 99.5)  # the "percentile" mode's clipping range (robust to a few hot voxels)

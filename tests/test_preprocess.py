@@ -212,7 +212,7 @@ GOOD = {"kind": "imagenet", "input_size": 224, "resize": 256, "mean": MEAN, "std
     (None, "run/best.pt has no 'preprocess' entry"),
     ([1, 2], "a list, not a dict"),
     ({"kind": "small", "input_size": 32}, "lacks mean, std"),
-    ({**GOOD, "kind": "medium"}, "kind must be 'small' or 'imagenet', not 'medium'"),
+    ({**GOOD, "kind": "medium"}, "kind must be 'small', 'imagenet' or 'volume', not 'medium'"),
     ({**GOOD, "input_size": 0}, "input_size must be a whole number of pixels >= 1, not 0"),
     ({**GOOD, "input_size": "224"}, "input_size must be a whole number"),
     ({**GOOD, "input_size": True}, "input_size must be a whole number"),
