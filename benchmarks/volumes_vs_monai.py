@@ -26,8 +26,7 @@ script with ``--worker``), ours and MONAI (or efficient and reference) alternati
 are medians over ``--repeats`` such runs. ``--threads`` (default: every core) sets
 ``torch.set_num_threads`` in each worker.
 
-Where the efficient engine (``densenet/ops``) does not handle 3-D, ``implementation="efficient"``
-runs the plain modules: numbers are only final for the code the header's version names.
+The header names the code version (``git describe``) the numbers belong to.
 """
 
 from __future__ import annotations
