@@ -3,12 +3,13 @@ and the trunk's forward call.
 
 Each function reads the parameters and BN settings from the modules, calls one op of
 :mod:`densenet.ops.library`, and updates the BN running statistics from the batch statistics
-the op returns, exactly as ``nn.BatchNorm2d`` does (once per step; the checkpointing approach
+the op returns, exactly as ``nn.BatchNorm2d`` (or 1d, 3d) does (once per step; the checkpointing approach
 recomputes BN in training mode and updates them twice). Dropout masks are drawn here in the
 plain modules' order, dtype and layout, so one seed gives both paths the same masks.
 
 Cases the ops do not cover (TorchScript tracing or scripting, meta tensors, a SyncBatchNorm or
-a BN without affine parameters, non-BatchNorm2d norms, mixed eps or dropout rates in a block)
+a BN without affine parameters, norms other than BatchNorm1d/2d/3d or not matching the input's
+rank, mixed eps or dropout rates in a block)
 run the plain modules, which give the same results. So do the modules the ops would compute
 without calling them (a block's layers, a transition's parts, the stem's norm0/relu0/pool0,
 norm5) while a hook is registered on one of them or on every module: the hooks then fire.
