@@ -64,33 +64,43 @@ def _stages(model: DenseNet) -> list[tuple[str, str, list[nn.Module]]]:
     return stages
 
 
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
+_CONV = nn.modules.conv._ConvNd
+_POOL = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd)
+_NORM = nn.modules.batchnorm._BatchNorm
 
 
-def _composition(kind: str, modules: list[nn.Module], model: DenseNet, size: tuple[int, int]) -> str:
-    """Table 1's 'layer' column, e.g. '[1x1 conv, 3x3 conv] x 6'."""
+def _ntuple(v, n: int) -> tuple[int, ...]:
+    return (v,) * n if isinstance(v, int) else tuple(v)
+
+
+def _fmt(size: Sequence[int]) -> str:
+    """A size or kernel as Table 1 writes it: '7x7' (2-D), '7x7x7' (3-D), '7' (1-D)."""
+    return "x".join(str(s) for s in size)
+
+
+def _composition(kind: str, modules: list[nn.Module], model: DenseNet, size: tuple[int, ...]) -> str:
+    """Table 1's 'layer' column, e.g. '[1x1 conv, 3x3 conv] x 6' ('1x1x1 conv' in 3-D)."""
     m = modules[0]
+    d = getattr(model, "spatial_dims", 2)
     if kind == "conv":
-        kh, kw = _pair(m.kernel_size)
-        stride = _pair(m.stride)[0]
-        return f"{kh}x{kw} conv" + (f", stride {stride}" if stride != 1 else "")
+        stride = _ntuple(m.stride, d)[0]
+        return f"{_fmt(_ntuple(m.kernel_size, d))} conv" + (f", stride {stride}" if stride != 1 else "")
     if kind == "pool":
-        k = _pair(m.kernel_size)[0]
-        s = _pair(m.stride)[0]
-        what = "max" if isinstance(m, nn.MaxPool2d) else "average"
-        return f"{k}x{k} {what} pool, stride {s}"
+        k = _ntuple(m.kernel_size, d)[0]
+        s = _ntuple(m.stride or m.kernel_size, d)[0]
+        what = "max" if isinstance(m, nn.modules.pooling._MaxPoolNd) else "average"
+        return f"{_fmt((k,) * d)} {what} pool, stride {s}"
     if kind == "block":
         layer = next(iter(m.values()))
-        convs = [c for c in layer.modules() if isinstance(c, nn.Conv2d)]
-        inner = ", ".join(f"{_pair(c.kernel_size)[0]}x{_pair(c.kernel_size)[1]} conv" for c in convs)
+        convs = [c for c in layer.modules() if isinstance(c, _CONV)]
+        inner = ", ".join(f"{_fmt(_ntuple(c.kernel_size, d))} conv" for c in convs)
         return f"[{inner}] x {len(m)}"
     if kind == "transition":
-        return "1x1 conv, 2x2 average pool, stride 2"
+        return f"{_fmt((1,) * d)} conv, {_fmt((2,) * d)} average pool, stride 2"
     if kind == "head":
         classes = getattr(model.classifier, "out_features", None)
         fc = f", {classes}D fully-connected, softmax" if classes else ""
-        return f"{size[0]}x{size[1]} global average pool" + fc
+        return f"{_fmt(size)} global average pool" + fc
     return type(m).__name__
 
 
@@ -99,82 +109,106 @@ def _out_side(n: int, kernel: int, stride: int, padding: int, dilation: int, cei
     return (-(-span // stride) if ceil else span // stride) + 1
 
 
-def _trace(module: nn.Module, c: int, h: int, w: int) -> tuple[int, int, int, int]:
-    """(channels, height, width, MACs) after ``module`` for a (c, h, w) input, from the shapes
-    alone (no forward pass): convolution MACs = outputs x (in / groups) x kernel area."""
-    if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
-        k, s, p = _pair(module.kernel_size), _pair(module.stride or module.kernel_size), _pair(module.padding)
-        d = _pair(getattr(module, "dilation", 1))
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
+def _trace(module: nn.Module, c: int, size: tuple[int, ...]) -> tuple[int, tuple[int, ...], int]:
+    """(channels, spatial size, MACs) after ``module`` for an input of ``c`` channels and
+    ``size`` (one side per spatial dimension), from the shapes alone (no forward pass):
+    convolution MACs = outputs x (in / groups) x kernel volume."""
+    if isinstance(module, (_CONV, *_POOL)):
+        n = len(size)
+        k = _ntuple(module.kernel_size, n)
+        s = _ntuple(module.stride or module.kernel_size, n)
+        p = _ntuple(module.padding, n)
+        d = _ntuple(getattr(module, "dilation", 1), n)
         ceil = getattr(module, "ceil_mode", False)
-        h2, w2 = (_out_side(h, k[0], s[0], p[0], d[0], ceil), _out_side(w, k[1], s[1], p[1], d[1], ceil))
-        if h2 < 1 or w2 < 1:
-            raise UsageError(f"the input is too small: a {k[0]}x{k[1]} {type(module).__name__} "
-                             f"meets a {h}x{w} map. Use a larger --input-size.")
-        if isinstance(module, nn.Conv2d):
-            macs = module.out_channels * h2 * w2 * (module.in_channels // module.groups) * k[0] * k[1]
-            return module.out_channels, h2, w2, macs
-        return c, h2, w2, 0
+        out = tuple(_out_side(size[i], k[i], s[i], p[i], d[i], ceil) for i in range(n))
+        if min(out) < 1:
+            raise UsageError(f"the input is too small: a {_fmt(k)} {type(module).__name__} "
+                             f"meets a {_fmt(size)} map. Use a larger --input-size.")
+        if isinstance(module, _CONV):
+            macs = module.out_channels * _prod(out) * (module.in_channels // module.groups) * _prod(k)
+            return module.out_channels, out, macs
+        return c, out, 0
     if isinstance(module, nn.Linear):
-        return module.out_features, 1, 1, module.in_features * module.out_features
+        return module.out_features, (1,) * len(size), module.in_features * module.out_features
     if isinstance(module, DenseBlock):
         macs = 0
         for i, layer in enumerate(module.values()):
-            _, lh, lw, m = _trace(layer, module.in_channels + i * module.growth_rate, h, w)
-            if (lh, lw) != (h, w):
-                raise UsageError(f"a dense layer changed the map size from {h}x{w} to {lh}x{lw}.")
+            _, layer_size, m = _trace(layer, module.in_channels + i * module.growth_rate, size)
+            if layer_size != size:
+                raise UsageError(f"a dense layer changed the map size from {_fmt(size)} to "
+                                 f"{_fmt(layer_size)}.")
             macs += m
-        return module.out_channels, h, w, macs
-    if isinstance(module, (nn.BatchNorm2d, nn.ReLU, nn.Dropout, nn.Identity)):
-        return c, h, w, 0
+        return module.out_channels, size, macs
+    if isinstance(module, (_NORM, nn.ReLU, nn.Dropout, nn.Identity)):
+        return c, size, 0
     children = list(module.children())  # Sequential, Transition, DenseLayer: in forward order
     if not children:
         raise TypeError(f"summary does not know how to trace {type(module).__name__}")
     macs = 0
     for child in children:
-        c, h, w, m = _trace(child, c, h, w)
+        c, size, m = _trace(child, c, size)
         macs += m
-    return c, h, w, macs
+    return c, size, macs
 
 
-def _summarize(model: DenseNet, input_size: int, in_channels: int = 3) -> list[dict]:
-    """One row per Table 1 stage: output size, channels, layers, parameters and MACs."""
-    c, h, w = in_channels, input_size, input_size
+def _summarize(model: DenseNet, input_size: int, in_channels: int | None = None) -> list[dict]:
+    """One row per Table 1 stage: output size, channels, layers, parameters and MACs, for an
+    input of ``input_size`` a side in each of the model's spatial dimensions and
+    ``in_channels`` channels (default: the model's)."""
+    if in_channels is None:
+        in_channels = getattr(model, "in_channels", 3)
+    dims = getattr(model, "spatial_dims", 2)
+    c, size = in_channels, (input_size,) * dims
     rows = []
     for name, kind, modules in _stages(model):
         in_ch, macs = c, 0
         for m in modules:
-            c, h, w, mm = _trace(m, c, h, w)
+            c, size, mm = _trace(m, c, size)
             macs += mm
         params = sum(p.numel() for m in modules for p in m.parameters())
-        depth = sum(isinstance(x, (nn.Conv2d, nn.Linear)) for m in modules for x in m.modules())
-        size = (h, w)
+        depth = sum(isinstance(x, (_CONV, nn.Linear)) for m in modules for x in m.modules())
+        pooled = size
         if kind == "head":  # norm5, then ReLU, global average pool and the classifier
-            c, _, _, mm = _trace(model.classifier, c, 1, 1)
+            c, _, mm = _trace(model.classifier, c, (1,) * dims)
             macs += mm
             params += sum(p.numel() for p in model.classifier.parameters())
             depth += isinstance(model.classifier, nn.Linear)
-            h, w = 1, 1
+            size = (1,) * dims
         rows.append({
-            "stage": name, "kind": kind, "output_size": [h, w],
+            "stage": name, "kind": kind, "output_size": list(size),
             "in_channels": int(in_ch), "out_channels": int(c),
             "layers": len(modules[0]) if kind == "block" else None,
             "depth": int(depth), "params": int(params), "macs": int(macs),
-            "composition": _composition(kind, modules, model, size),
+            "composition": _composition(kind, modules, model, pooled),
         })
     return rows
 
 
-def summary(name: str, input_size: int | None = None, num_classes: int | None = None) -> dict:
+def summary(name: str, input_size: int | None = None, num_classes: int | None = None,
+            spatial_dims: int = 2, in_channels: int | None = None) -> dict:
     """Table 1 for any model name: stages, their sizes, parameters and MACs, and totals.
 
-    ``input_size`` defaults to the model's native size (224 ImageNet, 32 CIFAR/SVHN).
+    ``input_size`` defaults to the model's native size (224 ImageNet, 32 CIFAR/SVHN), a side
+    in each of the ``spatial_dims`` dimensions (1 signals, 2 images, 3 volumes);
+    ``in_channels`` defaults to the model's (3).
     """
     info = model_info(name)
     if input_size is None:
         input_size = info.input_size
     if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
         raise UsageError(f"input size must be a positive integer, got {input_size!r}.")
-    overrides = {} if num_classes is None else {"num_classes": num_classes}
+    overrides = {"spatial_dims": spatial_dims}
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    if in_channels is not None:
+        overrides["in_channels"] = in_channels
     model = _meta_model(name, **overrides)
     try:
         rows = _summarize(model, input_size)
@@ -208,18 +242,20 @@ def format_si(n: float) -> str:
 
 
 def format_summary(s: dict) -> str:
-    head = (f"{s['model']} - {s['description']}: {s['input_size']}x{s['input_size']} input, "
+    dims = len(s["stages"][0]["output_size"]) if s["stages"] else 2
+    head = (f"{s['model']} - {s['description']}: {_fmt((s['input_size'],) * dims)} input, "
             f"{s['num_classes']} classes, growth rate k={s['growth_rate']}, depth L={s['totals']['depth']}")
-    cols = f"{'stage':<24} {'output':>9} {'in ch':>6} {'out ch':>6} {'layers':>6} {'depth':>5} {'params':>12} {'MACs':>9}  composition"
+    sizes = [_fmt(r["output_size"]) for r in s["stages"]]
+    w = max([9, *map(len, sizes)])  # 9 fits any 2-D size up to 9999x9999
+    cols = f"{'stage':<24} {'output':>{w}} {'in ch':>6} {'out ch':>6} {'layers':>6} {'depth':>5} {'params':>12} {'MACs':>9}  composition"
     lines = [head, "", cols, "-" * len(cols)]
-    for r in s["stages"]:
-        h, w = r["output_size"]
-        lines.append(f"{r['stage']:<24} {f'{h}x{w}':>9} {r['in_channels']:>6} {r['out_channels']:>6} "
+    for r, size in zip(s["stages"], sizes):
+        lines.append(f"{r['stage']:<24} {size:>{w}} {r['in_channels']:>6} {r['out_channels']:>6} "
                      f"{'' if r['layers'] is None else r['layers']:>6} {r['depth']:>5} "
                      f"{r['params']:>12,} {format_si(r['macs']):>9}  {r['composition']}")
     t = s["totals"]
     lines.append("-" * len(cols))
-    lines.append(f"{'total':<24} {'':>9} {'':>6} {'':>6} {'':>6} {t['depth']:>5} {t['params']:>12,} "
+    lines.append(f"{'total':<24} {'':>{w}} {'':>6} {'':>6} {'':>6} {t['depth']:>5} {t['params']:>12,} "
                  f"{format_si(t['macs']):>9}  ({t['macs']:,} multiply-adds)")
     return "\n".join(lines)
 
@@ -338,7 +374,7 @@ def _run_shape(run: dict) -> dict:
         model = _meta_model(name, **{k: v for k, v in overrides.items() if k != "implementation"})
     except UsageError:
         return out
-    out["depth"] = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+    out["depth"] = sum(isinstance(m, (_CONV, nn.Linear)) for m in model.modules())
     out["k"] = model.growth_rate
     if out["params"] is None:
         out["params"] = sum(p.numel() for p in model.parameters())

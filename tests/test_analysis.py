@@ -83,8 +83,52 @@ def test_summary_command_prints_table_and_json(capsys):
     assert json.loads(capsys.readouterr().out)["stages"][0]["output_size"] == [128, 128]
 
 
+@pytest.mark.parametrize("spatial_dims", [1, 3])
+def test_summary_builds_the_model_in_any_dimension(spatial_dims):
+    side = 64 if spatial_dims == 1 else 32
+    s = summary("densenet121", input_size=side, num_classes=2, spatial_dims=spatial_dims,
+                in_channels=1)
+    model = meta_model("densenet121", spatial_dims=spatial_dims, in_channels=1, num_classes=2)
+    assert s["totals"]["params"] == count_parameters(model)
+    assert s["totals"]["macs"] == count_macs(model, side)
+    assert s["totals"]["depth"] == 121
+    assert s["stages"][0]["in_channels"] == 1
+    assert [r["output_size"] for r in s["stages"]] == [
+        [side // f] * spatial_dims for f in (2, 4, 4, 8, 8, 16, 16, 32, 32, side)]
+    ones, threes = "x".join(["1"] * spatial_dims), "x".join(["3"] * spatial_dims)
+    assert s["stages"][2]["composition"] == f"[{ones} conv, {threes} conv] x 6"
+
+
+def test_summary_command_of_a_volume_model(capsys):
+    argv = ["summary", "densenet121", "--spatial-dims", "3", "--in-channels", "1", "--input-size", "64"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    model = meta_model("densenet121", spatial_dims=3, in_channels=1)
+    params, macs = count_parameters(model), count_macs(model, 64)
+    assert "64x64x64 input" in out
+    lines = out.splitlines()
+    conv = next(line for line in lines if line.startswith("Convolution"))
+    assert conv.split()[1:3] == ["32x32x32", "1"]  # output size, input channels
+    assert "7x7x7 conv, stride 2" in conv
+    assert any(line.startswith("Dense Block (1)") and " 16x16x16 " in line for line in lines)
+    assert "[1x1x1 conv, 3x3x3 conv] x 6" in out and "1x1x1 global average pool" not in out
+    total = lines[-1]
+    assert total.startswith("total") and f"{params:,}" in total and f"({macs:,} multiply-adds)" in total
+    assert main(argv + ["--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["stages"][1]["output_size"] == [16, 16, 16]
+    assert (s["totals"]["params"], s["totals"]["macs"]) == (params, macs)
+    # 1-D: sizes are one number
+    assert main(["summary", "densenet121", "--spatial-dims", "1", "--in-channels", "2",
+                 "--input-size", "96", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["stages"][0]["output_size"] == [48] and s["stages"][0]["in_channels"] == 2
+    assert s["totals"]["macs"] == count_macs(meta_model("densenet121", spatial_dims=1, in_channels=2), 96)
+
+
 @pytest.mark.parametrize("argv", [["summary", "densenet_nope"], ["summary", "densenet121", "--input-size", "8"],
-                                  ["summary", "densenet_bc17_k12"]])
+                                  ["summary", "densenet_bc17_k12"],
+                                  ["summary", "densenet121", "--spatial-dims", "3", "--input-size", "16"]])
 def test_summary_mistakes_are_usage_errors(argv, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -379,9 +379,6 @@ def test_count_macs_equals_flop_counter_on_monais_model(spatial_dims, name):
                                 torch.zeros(1, 1, side)) == want
 
 
-@pytest.mark.xfail(raises=TypeError, strict=False,
-                   reason="densenet.analysis traces only Conv2d/MaxPool2d/AvgPool2d/BatchNorm2d, "
-                          "and summary() builds 2-D models (no spatial_dims)")
 @pytest.mark.parametrize("spatial_dims", [1, 3])
 def test_table_1_summary_of_a_volume_model(spatial_dims):
     from densenet.analysis import _summarize
@@ -390,3 +387,6 @@ def test_table_1_summary_of_a_volume_model(spatial_dims):
     rows = _summarize(model.eval().set_implementation("reference"), 32, in_channels=1)
     assert sum(r["macs"] for r in rows) == count_macs(model, 32)
     assert sum(r["params"] for r in rows) == count_parameters(model)
+    assert rows[0]["in_channels"] == 1
+    assert [r["output_size"] for r in rows] == [[s] * spatial_dims for s in (16, 8, 8, 4, 4, 2, 2, 1, 1, 1)]
+

@@ -27,7 +27,8 @@ def _cmd_models(args) -> int:
 
 
 def _cmd_summary(args) -> int:
-    s = summary(args.name, input_size=args.input_size, num_classes=args.num_classes)
+    s = summary(args.name, input_size=args.input_size, num_classes=args.num_classes,
+                spatial_dims=args.spatial_dims, in_channels=args.in_channels)
     if args.json:
         _print_json(s)
     else:
@@ -69,8 +70,14 @@ def register(sub) -> None:
                        description="Table 1's layout for any model: each stage with output size, "
                        "channels, layers, parameters and multiply-adds, and the totals.")
     p.add_argument("name", help="model name ('densenet models'), or densenet_bc{L}_k{k} / densenet{L}_k{k}")
-    p.add_argument("--input-size", type=positive_int, help="input side in pixels (default: the model's)")
+    p.add_argument("--input-size", type=positive_int,
+                   help="input side in pixels (voxels, samples) in each spatial dimension "
+                   "(default: the model's)")
     p.add_argument("--num-classes", type=positive_int, help="classifier outputs (default: the model's)")
+    p.add_argument("--spatial-dims", type=int, choices=[1, 2, 3], default=2,
+                   help="1 for signals, 2 for images (default), 3 for volumes")
+    p.add_argument("--in-channels", type=positive_int,
+                   help="input channels (default: the model's, 3)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_summary)
 
