@@ -120,7 +120,8 @@ def forward(x, params, running, masks, spec: BlockSpec, save: bool) -> Saved:
     c_total = c0 + num * k
     m = n * _spatial_product(sp)
     sd = rows.stat_dtype(x.dtype)
-    buf = buffers.huge_empty((n, *sp, c_total), x)
+    pooled = x.dim() < 5  # volumes: no pool (densenet.ops.buffers.huge_empty)
+    buf = buffers.huge_empty((n, *sp, c_total), x, pooled)
     buf[..., :c0].copy_(x.permute(0, *range(2, x.dim()), 1))
     X = buf.view(m, c_total)
 
@@ -133,8 +134,8 @@ def forward(x, params, running, masks, spec: BlockSpec, save: bool) -> Saved:
         if batch_stats:
             stats2 = x.new_empty((num, 2, inner), dtype=sd)
         keep = keeps_bottleneck(x.dim(), bottleneck, save)
-        y1_store = buffers.huge_empty((num if keep else 1, m, inner), x)
-        z2 = buffers.huge_empty((m, inner), x)
+        y1_store = buffers.huge_empty((num if keep else 1, m, inner), x, pooled)
+        z2 = buffers.huge_empty((m, inner), x, pooled)
     chunk = rows.chunk_rows(x, m) if bottleneck else m
     scratch = x.new_empty(chunk * (c0 + (num - 1) * k))  # BN-ReLU'd input of the current layer
     masks_per = spec.masks_per_layer(masks)
@@ -197,7 +198,8 @@ def backward(grad, saved: Saved, params, running, masks, spec: BlockSpec,
     c0 = params[0].shape[0]
     sd = rows.stat_dtype(buf.dtype)
     X = buf.view(m, c_total)
-    dbuf = buffers.huge_empty(buf.shape, buf)
+    pooled = buf.dim() < 5
+    dbuf = buffers.huge_empty(buf.shape, buf, pooled)
     dbuf.copy_(grad)
     dX = dbuf.view(m, c_total)
     # Per-channel sums over training-mode consumers of gamma*rstd*mean(g) and
@@ -222,9 +224,9 @@ def backward(grad, saved: Saved, params, running, masks, spec: BlockSpec,
     gscratch = X.new_empty(chunk * (c0 + (num - 1) * k))
     if bottleneck:
         inner = params[2].shape[0]
-        z2 = buffers.huge_empty((m, inner), X)
+        z2 = buffers.huge_empty((m, inner), X, pooled)
         if saved.y1.numel() == 0:  # not kept: recomputed layer by layer into one buffer
-            y1_again = buffers.huge_empty((m, inner), X)
+            y1_again = buffers.huge_empty((m, inner), X, pooled)
     masks_per = spec.masks_per_layer(masks)
     grads = []
     for i in reversed(range(num)):

@@ -98,7 +98,7 @@ def bn_relu_forward(x, gamma, beta, running, eps, batch_stats):
     X = rows.rows(x)
     stats = batch_stats_of(X, eps, batch_stats)
     _, _, scale, shift = terms(gamma, beta, stats, running, eps, batch_stats)
-    out = buffers.huge_empty(X.shape, X)
+    out = buffers.huge_empty(X.shape, X, x.dim() < 5)
     bn_relu(X, scale, shift, out)
     return rows.like_layout(rows.nchw(out, n, *sp), x), stats
 
@@ -109,7 +109,7 @@ def bn_relu_backward(grad, x, gamma, beta, stats, running, eps, batch_stats):
     dY = rows.rows(grad).clone()  # masked in place by some backends: never the caller's gradient
     sums = bn_relu_grad(X, dY, scale, shift, mean)
     return _grad_end(X, dY, sums, mean, rstd, scale, shift, batch_stats,
-                     buffers.huge_empty(X.shape, X), x.shape, rows.is_channels_last(x))
+                     buffers.huge_empty(X.shape, X, x.dim() < 5), x.shape, rows.is_channels_last(x))
 
 
 # ----------------------------------------------------------------------------- maxpool(relu(bn(x)))
@@ -131,7 +131,7 @@ def bn_relu_maxpool_forward(x, gamma, beta, running, eps, batch_stats, kernel, s
     _, _, scale, shift = terms(gamma, beta, stats, running, eps, batch_stats)
     oh, ow = pooled_size(h, w, kernel, stride, padding)
     out = bn_relu_maxpool(X.view(n, h, w, c), scale, shift, kernel, stride, padding,
-                          buffers.huge_empty((n, oh, ow, c), X))
+                          buffers.huge_empty((n, oh, ow, c), X, x.dim() < 5))
     return rows.like_layout(out.permute(0, 3, 1, 2), x), stats
 
 
@@ -143,7 +143,7 @@ def bn_relu_maxpool_backward(grad, x, gamma, beta, stats, running, eps, batch_st
     n, c, h, w = x.shape
     X = rows.rows(x)
     mean, rstd, scale, shift = terms(gamma, beta, stats, running, eps, batch_stats)
-    G = buffers.huge_empty(X.shape, X)  # g', all of it written by the pass
+    G = buffers.huge_empty(X.shape, X, x.dim() < 5)  # g', all of it written by the pass
     sums = bn_relu_maxpool_grad(X.view(n, h, w, c), scale, shift, mean, kernel, stride, padding,
                                 grad.permute(0, 2, 3, 1).contiguous(), G.view(n, h, w, c))
     return _grad_end(X, G, sums, mean, rstd, scale, shift, batch_stats, G, x.shape, rows.is_channels_last(x))
@@ -160,7 +160,7 @@ def _bn_relu_maxpool3d_forward(x, gamma, beta, running, eps, batch_stats, kernel
     X = rows.rows(x)
     stats = batch_stats_of(X, eps, batch_stats)
     _, _, scale, shift = terms(gamma, beta, stats, running, eps, batch_stats)
-    out = buffers.huge_empty((n, *pooled_size(*sp, kernel, stride, padding), c), X)
+    out = buffers.huge_empty((n, *pooled_size(*sp, kernel, stride, padding), c), X, x.dim() < 5)
     scratch = X.new_empty(s * c)
     for i in range(n):
         z = bn_relu(X[i * s:(i + 1) * s], scale, shift, scratch.view(s, c))
@@ -175,7 +175,7 @@ def _bn_relu_maxpool3d_backward(grad, x, gamma, beta, stats, running, eps, batch
     s = rows.spatial_numel(x.shape)
     X = rows.rows(x)
     mean, rstd, scale, shift = terms(gamma, beta, stats, running, eps, batch_stats)
-    dX = buffers.huge_empty(X.shape, X)  # written (not added to), volume by volume
+    dX = buffers.huge_empty(X.shape, X, x.dim() < 5)  # written (not added to), volume by volume
     sums = torch.zeros(2, c, dtype=torch.float64, device=X.device)
     scratch = X.new_empty(s * c)
     for i in range(n):
@@ -203,7 +203,7 @@ def bn_relu_conv_forward(x, gamma, beta, running, eps, batch_stats, weight):
     X = rows.rows(x)  # a view of channels-last input
     stats = batch_stats_of(X, eps, batch_stats)
     _, _, scale, shift = terms(gamma, beta, stats, running, eps, batch_stats)
-    Y = buffers.huge_empty((m, weight.shape[0]), X)
+    Y = buffers.huge_empty((m, weight.shape[0]), X, x.dim() < 5)
     chunk = rows.chunk_rows(X, m)
     scratch = X.new_empty(chunk * c)
     for lo in range(0, m, chunk):
@@ -220,7 +220,7 @@ def bn_relu_conv_backward(grad, x, gamma, beta, stats, running, eps, batch_stats
     mean, rstd, scale, shift = terms(gamma, beta, stats, running, eps, batch_stats)
     w2d = weight.view(weight.shape[0], c)
     dY = rows.rows(grad)
-    dX = buffers.huge_empty(X.shape, X)  # written (not added to) by the first pass
+    dX = buffers.huge_empty(X.shape, X, x.dim() < 5)  # written (not added to) by the first pass
     dw = None
     sums = torch.zeros(2, c, dtype=torch.float64, device=X.device)
     chunk = rows.chunk_rows(X, m)
@@ -276,7 +276,7 @@ def bn_relu_pool_conv_backward(grad, x, gamma, beta, stats, running, eps, batch_
     X = rows.rows(x)
     mean, rstd, scale, shift = terms(gamma, beta, stats, running, eps, batch_stats)
     pool_args = (kernel, stride, padding, ceil_mode, count_include_pad, None)
-    dX = buffers.huge_empty(X.shape, X)  # written (not added to), chunk by chunk
+    dX = buffers.huge_empty(X.shape, X, x.dim() < 5)  # written (not added to), chunk by chunk
     dw = None
     sums = torch.zeros(2, c, dtype=torch.float64, device=X.device)
     chunks = _image_chunks(n, s, X)

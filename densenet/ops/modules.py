@@ -312,13 +312,25 @@ def features_forward(features: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
 def inference_layout(features: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """``x`` in the layout the efficient path computes ``features`` in: channels-last for CPU
     inference, else as it is."""
-    if not features.training and x.dim() in (4, 5) and x.device.type == "cpu" and not torch.jit.is_tracing():
+    if x.dim() not in (4, 5) or x.device.type != "cpu" or torch.jit.is_tracing():
+        return x
+    if not features.training or (x.dim() == 5 and not _drops(features)):
         # inference: the blocks keep their maps channels-last, and an NCHW input would make
         # every convolution and transition read and write NCHW copies (fresh memory, page
-        # faults; 0.55-0.7x the speed, measured at batch 250-500). Training keeps the input's
-        # layout, so that dropout draws its masks in the plain modules' layout and order.
+        # faults; 0.55-0.7x the speed, measured at batch 250-500). Training volumes without
+        # dropout too: the stem's convolution then writes channels-last maps the ops read in
+        # place, where an NCDHW one costs a transposed copy of the largest map of the network
+        # each way (a one-channel volume is channels-last as it is). Otherwise training keeps
+        # the input's layout, so that dropout draws its masks in the plain modules' layout and
+        # order.
         x = rows.to_layout(x, True)
     return x
+
+
+def _drops(features: nn.Module) -> bool:
+    """Whether dropout is active anywhere in ``features`` (a layer's or a transition's)."""
+    return any((getattr(m, "drop_rate", 0) > 0 or (type(m) is nn.Dropout and m.p > 0)) and m.training
+               for m in features.modules())
 
 
 def children_forward(mods: list[nn.Module], x: torch.Tensor, relu: bool = True) -> torch.Tensor:

@@ -74,6 +74,14 @@ def to_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
             return out
         return t.contiguous()
     d = t.dim() - 2
+    if t.shape[1] == 1 and t.is_contiguous():
+        # one channel: the same memory either way, but only channels-last strides make a
+        # convolution write channels-last maps
+        strides, step = [0] * t.dim(), 1
+        for i in range(t.dim() - 1, 1, -1):
+            strides[i], step = step, step * t.shape[i]
+        strides[0], strides[1] = step, 1
+        return t.as_strided(t.shape, strides)  # the storage offset stays t's
     return t.permute(0, *range(2, d + 2), 1).contiguous().permute(0, d + 1, *range(1, d + 1))
 
 
