@@ -421,7 +421,8 @@ def _evaluate_multilabel(loaded: Loaded, ds, data, split, part, batch_size, devi
 def format_result(r: dict) -> str:
     if r.get("task") == "multi-label":
         return _format_multilabel(r)
-    lines = [f"{r['model']} ({r['checkpoint']}) on {r['dataset']} {r['split']}: {r['n']:,} images",
+    what = "volumes" if r.get("dataset") == "volumes" else "images"
+    lines = [f"{r['model']} ({r['checkpoint']}) on {r['dataset']} {r['split']}: {r['n']:,} {what}",
              f"{'protocol':<12} {'top-1 err':>10} {'top-5 err':>10}"]
     for key, label in (("single_crop", "single crop"), ("ten_crop", "10-crop")):
         if key in r:
