@@ -107,3 +107,32 @@ def test_export_takes_a_5d_input_and_matches(trained, fmt, capsys):
     with torch.no_grad():
         want = loaded.model.set_implementation("reference")(x)
     torch.testing.assert_close(torch.as_tensor(run(x)).float(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_stopped_volume_run_resumes_to_the_same_weights(tmp_path, trained):
+    """Order and augmentation (flips, pad-and-crop, rotations in a plane) come from the
+    (seed, epoch) streams, so a run stopped mid-epoch and resumed ends where an uninterrupted
+    one does."""
+    from densenet.rundir import load_checkpoint
+    from densenet.train import train
+    kw = dict(epochs=2, batch_size=8, quiet=True, seed=3,
+              set_fields={"volume_size": str(SIZE), "flip_axes": "0,1", "crop_pad": "2",
+                          "rotate_plane": "0,1", "val_size": "8"})
+    train("densenet_bc16_k4", None, str(trained["train"]), str(tmp_path / "whole"), **kw)
+    train("densenet_bc16_k4", None, str(trained["train"]), str(tmp_path / "stopped"), max_steps=7, **kw)
+    train(resume=str(tmp_path / "stopped"))
+    a, b = (load_checkpoint(tmp_path / r / "last.pt") for r in ("whole", "stopped"))
+    assert a["model"]["overrides"]["spatial_dims"] == 3
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+
+
+def test_a_csv_manifest_of_volumes_trains(tmp_path, trained):
+    rows = ["path,label"] + [f"{p},{p.parent.name}" for p in sorted(trained["train"].glob("*/*.nii.gz"))]
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    from densenet.train import train
+    result = train("densenet_bc16_k4", None, str(manifest), str(tmp_path / "csv"), epochs=1,
+                   batch_size=8, quiet=True, set_fields={"volume_size": "8", "val_size": "8"})
+    assert result["dataset"] == "volumes" and result["epochs"] == 1
+    loaded = load_for_inference(str(tmp_path / "csv"))
+    assert loaded.pre.shape == (8, 8, 8) and loaded.classes == ["left", "right"]
