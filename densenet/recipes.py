@@ -140,15 +140,17 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            augment=True, train_crop="center", normalize="imagenet", val_size=0.1,
            selection="best", input_size=224, pos_weight="auto"),
     # MONAI's 3-D classification tutorial (densenet_training_array: IXI T1 scans, DenseNet121
-    # with spatial_dims=3, in_channels=1): intensities scaled to [0, 1] (here a 0.5-99.5
-    # percentile clip, robust to a few bright voxels), resized to 96^3, random 90-degree
-    # rotations, batch 2, Adam at 1e-4, cross-entropy, 5 epochs, the best validation epoch
-    # kept. The default for volume data; the model is built 3-D with the volumes' channels.
+    # with spatial_dims=3, in_channels=1): intensities scaled to [0, 1] (ScaleIntensity; here a
+    # 0.5-99.5 percentile clip, robust to a few bright voxels), resized to 96^3, random
+    # 90-degree rotations in the plane of the first two spatial axes (RandRotate90 turns 10% of
+    # the volumes; here each gets a random k of 0-3), batch 2, Adam at 1e-4, cross-entropy, 5
+    # epochs, the best validation epoch kept. The default for volume data; the model is built
+    # 3-D with the volumes' channels.
     Recipe("volume", "3-D volumes (NIfTI / NumPy; MONAI's 3-D classification tutorial): DenseNet-121 "
            "3-D, resized to 96^3, intensities scaled to [0, 1], random 90-degree rotations, Adam "
            "lr 1e-4, batch 2, 5 epochs, 20% held out, best epoch tested",
            "densenet121", "volumes", epochs=5, batch_size=2, lr=1e-4, optimizer="adam",
-           weight_decay=0.0, nesterov=False, lr_milestones=(), augment=True, rotate_plane="1,2",
+           weight_decay=0.0, nesterov=False, lr_milestones=(), augment=True, rotate_plane="0,1",
            val_size=0.2,
            selection="best", input_size=96),
 ]}
