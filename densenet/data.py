@@ -601,7 +601,44 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> 
     return padded.reshape(b, c, -1).gather(2, flat.expand(b, c, h * w)).view(b, c, h, w)
 
 
-class DeviceLoader:
+class EpochBatches:
+    """What the on-device loaders share: an epoch's order and augmentation stream drawn from
+    generators seeded by (seed, epoch) (the order on the CPU, the augmentation on the data's
+    device), DDP sharding (rank r of world w takes every w-th sample of the epoch's order, the
+    tail dropped so every rank has as many samples) and the batch count. Subclasses turn each
+    batch's indices into tensors (``__iter__``)."""
+
+    def _setup(self, data, batch_size: int, shuffle: bool, seed: int, drop_last: bool, rank: int,
+               world_size: int) -> None:
+        self.data, self.batch_size = data, batch_size
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        n = len(data)
+        self.per_rank = n if world_size == 1 else n // world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.per_rank // self.batch_size
+        return math.ceil(self.per_rank / self.batch_size)
+
+    def _batches(self):
+        """(indices on the data's device, the augmentation generator) of each batch."""
+        g = _epoch_generator(self.seed, self.epoch)
+        device = self.data.images.device
+        g_aug = g if device.type == "cpu" else _epoch_generator(self.seed, self.epoch, device)
+        n = len(self.data)
+        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        order = order[self.rank:self.per_rank * self.world_size:self.world_size]
+        order = order.to(device)
+        for i in range(len(self)):
+            yield order[i * self.batch_size:(i + 1) * self.batch_size], g_aug
+
+
+class DeviceLoader(EpochBatches):
     """Batches of an ``ImageTensors`` already on the training device, made with tensor ops.
 
     Yields ``(x, y)``: x float32 (B, C, H, W), ``(x / 255 - mean) / std``, optionally augmented
@@ -632,35 +669,14 @@ class DeviceLoader:
             resize = preprocess.input_size if preprocess.upscaled else None
         mean = (0.0, 0.0, 0.0) if mean is None else mean
         std = (1.0, 1.0, 1.0) if std is None else std
-        self.resize = resize
-        self.data, self.batch_size = data, batch_size
-        self.shuffle, self.augment, self.seed, self.drop_last = shuffle, augment, seed, drop_last
-        self.rank, self.world_size, self.channels_last = rank, world_size, channels_last
+        self.resize, self.augment, self.channels_last = resize, augment, channels_last
+        self._setup(data, batch_size, shuffle, seed, drop_last, rank, world_size)
         device = data.images.device
         self.mean = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self.std = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        self.epoch = 0
-        n = len(data)
-        self.per_rank = n if world_size == 1 else n // world_size
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        if self.drop_last:
-            return self.per_rank // self.batch_size
-        return math.ceil(self.per_rank / self.batch_size)
 
     def __iter__(self):
-        g = _epoch_generator(self.seed, self.epoch)
-        device = self.data.images.device
-        g_aug = g if device.type == "cpu" else _epoch_generator(self.seed, self.epoch, device)
-        n = len(self.data)
-        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
-        order = order[self.rank:self.per_rank * self.world_size:self.world_size]
-        order = order.to(self.data.images.device)
-        for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+        for idx, g_aug in self._batches():
             x = self.data.images[idx].float().div_(255).sub_(self.mean).div_(self.std)
             if self.augment:
                 x = augment_batch(x, g_aug)

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import IMAGE_EXTENSIONS, Dataset, ImageTensors, _class_dirs, _epoch_generator
+from .data import IMAGE_EXTENSIONS, Dataset, EpochBatches, ImageTensors, _class_dirs
 from .errors import UsageError
 from .preprocess import INTENSITY_MODES
 from .rundir import atomic_write_bytes
@@ -651,7 +651,7 @@ def augment_volumes(x: torch.Tensor, generator: torch.Generator, *, flip_axes=()
     return out
 
 
-class VolumeLoader:
+class VolumeLoader(EpochBatches):
     """Batches of a ``VolumeTensors`` already on the training device, made with tensor ops.
 
     Yields ``(x, y)``: x float32 (B, C, D, H, W) on the data's device, augmented by
@@ -684,30 +684,11 @@ class VolumeLoader:
                 raise UsageError(f"augment has unknown keys {', '.join(map(repr, unknown))}; "
                                  f"augment_volumes takes flip_axes, pad and rotate_plane.")
             _check_augment(tuple(data.images.shape[2:]), **augment)
-        self.data, self.batch_size = data, batch_size
-        self.shuffle, self.augment, self.seed, self.drop_last = shuffle, augment, seed, drop_last
-        self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-        n = len(data)
-        self.per_rank = n if world_size == 1 else n // world_size
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        if self.drop_last:
-            return self.per_rank // self.batch_size
-        return math.ceil(self.per_rank / self.batch_size)
+        self.augment = augment
+        self._setup(data, batch_size, shuffle, seed, drop_last, rank, world_size)
 
     def __iter__(self):
-        g = _epoch_generator(self.seed, self.epoch)
-        device = self.data.images.device
-        g_aug = g if device.type == "cpu" else _epoch_generator(self.seed, self.epoch, device)
-        n = len(self.data)
-        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
-        order = order[self.rank:self.per_rank * self.world_size:self.world_size].to(device)
-        for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+        for idx, g_aug in self._batches():
             x = self.data.images[idx].float()
             if self.augment:
                 x = augment_volumes(x, g_aug, **self.augment)
