@@ -27,7 +27,6 @@ import hashlib
 import inspect
 import io
 import json
-import math
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
