@@ -22,21 +22,8 @@ def nchw(t2d: torch.Tensor, n: int, *spatial: int) -> torch.Tensor:
 
 def rows(t: torch.Tensor) -> torch.Tensor:
     """An (N, C, *spatial) map as an (N*S, C) row-major matrix (a copy unless channels-last)."""
-    n, c = t.shape[:2]
-    if c > 1 and t.dim() > 3 and t.is_contiguous() and t.numel() >= _TRANSPOSE_MIN:
-        # one (C, S) -> (S, C) transpose per image: PyTorch copies a transposed matrix in
-        # cache blocks, 1.5x faster than the generic N-D permuted copy (a 2x64x48^3 map: 45 ms
-        # against 66, one thread)
-        s = t.numel() // (n * c)
-        out = t.new_empty((n, s, c))
-        for i in range(n):
-            out[i].copy_(t[i].view(c, s).t())
-        return out.view(n * s, c)
     r = t.permute(0, *range(2, t.dim()), 1).reshape(-1, t.shape[1])
     return r if r.stride(1) == 1 or r.shape[1] == 1 else r.contiguous()
-
-
-_TRANSPOSE_MIN = 1 << 16  # below this the per-image loop costs more than it saves
 
 
 def as_map(t2d: torch.Tensor) -> torch.Tensor:
@@ -62,16 +49,6 @@ def to_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """``t`` contiguous, or channels-last (for any number of spatial dimensions); no copy when
     it already is."""
     if not channels_last:
-        if t.is_contiguous():
-            return t
-        n, c = t.shape[:2]
-        if c > 1 and t.dim() > 3 and is_channels_last(t) and t.numel() >= _TRANSPOSE_MIN:
-            s = t.numel() // (n * c)  # per image (S, C) -> (C, S), as in rows()
-            flat = t.permute(0, *range(2, t.dim()), 1).reshape(n, s, c)  # a view
-            out = t.new_empty(t.shape)
-            for i in range(n):
-                out[i].view(c, s).copy_(flat[i].t())
-            return out
         return t.contiguous()
     d = t.dim() - 2
     if t.shape[1] == 1 and t.is_contiguous():
