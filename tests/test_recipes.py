@@ -8,7 +8,16 @@ from densenet.train import learning_rate, make_config
 
 def test_all_paper_recipes_exist():
     assert set(RECIPES) == {"c10", "c10+", "c100", "c100+", "svhn", "imagenet", "quickstart", "finetune",
-                            "chexnet"}
+                            "chexnet", "volume"}
+
+
+def test_the_volume_recipe_is_monai_s_3d_tutorial():
+    r = RECIPES["volume"]
+    assert (r.model, r.dataset, r.batch_size, r.epochs, r.optimizer, r.lr) == \
+        ("densenet121", "volumes", 2, 5, "adam", 1e-4)
+    assert r.volume_shape() == (96, 96, 96) and r.intensity == "percentile"
+    assert r.volume_augment() == {"flip_axes": (), "pad": 0, "rotate_plane": (0, 1)}
+    assert r.milestone_epochs() == []  # a constant learning rate, as the tutorial's
 
 
 @pytest.mark.parametrize("name", ["c10", "c10+", "c100", "c100+"])
