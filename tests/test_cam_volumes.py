@@ -19,7 +19,7 @@ from densenet.preprocess import Preprocess
 from densenet.rundir import save_checkpoint
 from densenet.volumes import read_volume, write_nifti
 
-nib = pytest.importorskip("nibabel")
+import nibabel as nib  # noqa: E402  (the test extra installs it)
 
 CLASSES = ["dark", "bright"]
 SHAPE = (12, 16, 8)  # (D, H, W): no two sizes alike, so a swapped axis shows

@@ -13,7 +13,6 @@ spec.loader.exec_module(bench)
 
 
 def test_ours_and_monai_densenet121_measured_alike():
-    pytest.importorskip("monai")
     ours = bench.measure("d121", "efficient", size=32, batch=2, steps=1, threads=1)
     monai = bench.measure("monai", None, size=32, batch=2, steps=1, threads=1)
     assert ours["params"] == monai["params"]  # like for like: the same network
