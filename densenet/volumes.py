@@ -111,7 +111,8 @@ def _read_nifti(path: Path) -> np.ndarray:
     except Exception as e:  # nibabel raises ImageFileError, EOFError, OSError, zlib.error, ...
         raise UsageError(f"{path} is not a readable NIfTI file ({type(e).__name__}: {e}); it is "
                          f"corrupt, truncated or not NIfTI. Replace it with a good copy, or "
-                         f"remove it (open_volumes(..., on_bad='skip') skips such files).") from None
+                         f"remove it (densenet train --set on_bad=skip, or open_volumes(..., "
+                         f"on_bad='skip'), skips such files).") from None
     if len(shape) not in (3, 4):
         raise UsageError(f"{path} holds an image of shape {shape}; a volume is 3-D (X, Y, Z) or "
                          f"4-D (X, Y, Z, channels). Convert it, or remove it from the data.")
@@ -121,7 +122,8 @@ def _read_nifti(path: Path) -> np.ndarray:
     except Exception as e:  # truncated data shows only when it is read
         raise UsageError(f"{path} is corrupt or truncated: its data cannot be read "
                          f"({type(e).__name__}: {e}). Replace it with a good copy, or remove it "
-                         f"(open_volumes(..., on_bad='skip') skips such files).") from None
+                         f"(densenet train --set on_bad=skip, or open_volumes(..., "
+                         f"on_bad='skip'), skips such files).") from None
 
 
 def _load_numpy(path: Path):
