@@ -216,21 +216,27 @@ def cam_for_images(loaded: Loaded, paths: Sequence[str | os.PathLike],
     return out
 
 
+def _labels_to_explain(loaded, model, t, num_labels: int, target, device):
+    """A multi-label model's input ``t`` as a batch of one, its label probabilities, and the
+    labels to explain: ``target``, or those over their thresholds (the most probable where none
+    is)."""
+    thresholds = loaded.thresholds or [0.5] * num_labels
+    x = t[None].to(device)
+    with torch.no_grad():
+        probs = model.eval()(x).float().sigmoid()[0]
+    if target is not None:
+        return x, probs, [target]
+    labels = [c for c, (p, th) in enumerate(zip(probs.tolist(), thresholds)) if p >= th]
+    return x, probs, labels or [int(probs.argmax())]
+
+
 def _multilabel_cams(loaded, model, paths, tensors, names, target, mean, std, device) -> list[ImageCAM]:
     """A multi-label model: the map of label ``target`` in every image, or without one a map
     per label over its threshold in each image (the most probable label where none is); the
     caption's probability is the label's sigmoid."""
-    thresholds = loaded.thresholds or [0.5] * len(names)
     out = []
     for path, t in zip(paths, tensors):
-        x = t[None].to(device)
-        with torch.no_grad():
-            probs = model.eval()(x).float().sigmoid()[0]
-        if target is not None:
-            labels = [target]
-        else:
-            labels = [c for c, (p, th) in enumerate(zip(probs.tolist(), thresholds)) if p >= th]
-            labels = labels or [int(probs.argmax())]
+        x, probs, labels = _labels_to_explain(loaded, model, t, len(names), target, device)
         cams = grad_cam(model, x.expand(len(labels), -1, -1, -1), torch.tensor(labels)).cams
         image = _to_pil(t * std + mean)
         out += [ImageCAM(str(path), image, cams[k].cpu(), names[c], float(probs[c]))
@@ -441,16 +447,8 @@ def cam_for_volumes(loaded: Loaded, paths: Sequence[str | os.PathLike],
     model = loaded.model.to(device)
     results: list[tuple[int, VolumeCAM]] = []  # (input index, map)
     if loaded.multi_label:
-        thresholds = loaded.thresholds or [0.5] * len(names)
         for i, t in enumerate(tensors):
-            x = t[None].to(device)
-            with torch.no_grad():
-                probs = model.eval()(x).float().sigmoid()[0]
-            if target is not None:
-                labels = [target]
-            else:
-                labels = [c for c, (p, th) in enumerate(zip(probs.tolist(), thresholds)) if p >= th]
-                labels = labels or [int(probs.argmax())]
+            x, probs, labels = _labels_to_explain(loaded, model, t, len(names), target, device)
             cams = grad_cam(model, x.expand(len(labels), *x.shape[1:]), torch.tensor(labels)).cams
             results += [(i, _volume_cam(paths[i], t, cams[k], names[c], float(probs[c])))
                         for k, c in enumerate(labels)]

@@ -430,11 +430,12 @@ def _image_files(class_dir: Path) -> list[Path]:
     return files
 
 
-def _list_split(root: Path, classes: list[str] | None) -> tuple[list[str], list[tuple[Path, int]]]:
+def _list_split(root: Path, classes: list[str] | None, list_files,
+                layout: str) -> tuple[list[str], list[tuple[Path, int]]]:
     dirs = _class_dirs(root)
     if not dirs:
         raise UsageError(f"{root} holds no class folders; a class-per-folder data set has "
-                         f"{root}/CLASS_NAME/IMAGE files.")
+                         f"{root}/CLASS_NAME/{layout}.")
     if classes is None:
         classes = [d.name for d in dirs]
     index = {c: i for i, c in enumerate(classes)}
@@ -444,19 +445,31 @@ def _list_split(root: Path, classes: list[str] | None) -> tuple[list[str], list[
             raise UsageError(f"{d} is a class the training data does not have; the class folders "
                              f"of val/ and test/ must be named like those of train/ "
                              f"({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}).")
-        samples += [(f, index[d.name]) for f in _image_files(d)]
+        samples += [(f, index[d.name]) for f in list_files(d)]
     return classes, samples
 
 
-def _open_folder(root: Path, cache: Path) -> Dataset:
+def class_folder_splits(root: Path, list_files=None,
+                        layout: str = "IMAGE files") -> tuple[list[str], dict]:
+    """(class names, {split: [(file, label), ...]}) of ROOT/CLASS/FILE, or ROOT/train/CLASS/FILE
+    with optional ROOT/val and ROOT/test named like train's; ``list_files(class_dir)`` lists a
+    class folder's files (images by default), ``layout`` names them in the error for a root
+    without class folders."""
+    list_files = _image_files if list_files is None else list_files
     split_roots = {"train": root / "train", "val": root / "val", "test": root / "test"}
     if not split_roots["train"].is_dir():
         split_roots = {"train": root}
-    classes, samples = _list_split(split_roots["train"], None)
+    classes, samples = _list_split(split_roots["train"], None, list_files, layout)
     splits = {"train": samples}
     for s in ("val", "test"):
         if s in split_roots and split_roots[s].is_dir():
-            splits[s] = _list_split(split_roots[s], classes)[1]
+            splits[s] = _list_split(split_roots[s], classes, list_files, layout)[1]
+    return classes, splits
+
+
+def _open_folder(root: Path, cache: Path) -> Dataset:
+    classes, splits = class_folder_splits(root)
+    samples = splits["train"]
     first = samples[0][0]
     size = _image_size(first)
     if max(size) > SMALL_MAX_SIZE:

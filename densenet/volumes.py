@@ -37,7 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import IMAGE_EXTENSIONS, Dataset, EpochBatches, ImageTensors, _class_dirs
+from .data import (IMAGE_EXTENSIONS, Dataset, EpochBatches, ImageTensors, _class_dirs,
+                   class_folder_splits)
 from .errors import UsageError
 from .preprocess import INTENSITY_MODES
 from .rundir import atomic_write_bytes
@@ -368,35 +369,12 @@ def _volume_files(class_dir: Path) -> list[Path]:
     return files
 
 
-def _list_split(root: Path, classes: list[str] | None) -> tuple[list[str], list[tuple[Path, int]]]:
-    dirs = _class_dirs(root)
-    if not dirs:
-        raise UsageError(f"{root} holds no class folders; a class-per-folder volume data set has "
-                         f"{root}/CLASS_NAME/FILE volumes ({', '.join(VOLUME_EXTENSIONS)}). "
-                         f"Expected {VOLUMES_HELP}.")
-    if classes is None:
-        classes = [d.name for d in dirs]
-    index = {c: i for i, c in enumerate(classes)}
-    samples = []
-    for d in dirs:
-        if d.name not in index:
-            raise UsageError(f"{d} is a class the training data does not have; the class folders "
-                             f"of val/ and test/ must be named like those of train/ "
-                             f"({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}).")
-        samples += [(f, index[d.name]) for f in _volume_files(d)]
-    return classes, samples
-
-
 def _open_folder(root: Path, cache: Path, options: dict) -> Dataset:
-    split_roots = {"train": root / "train", "val": root / "val", "test": root / "test"}
-    if not split_roots["train"].is_dir():
-        split_roots = {"train": root}
-    classes, samples = _list_split(split_roots["train"], None)
-    splits = {"train": samples}
-    for s in ("val", "test"):
-        if s in split_roots and split_roots[s].is_dir():
-            splits[s] = _list_split(split_roots[s], classes)[1]
+    classes, splits = class_folder_splits(root, _volume_files,
+                                          f"FILE volumes ({', '.join(VOLUME_EXTENSIONS)}). "
+                                          f"Expected {VOLUMES_HELP}")
     stamps = [[s] + [_stamp(p) for p, _ in splits[s]] for s in splits]
+    split_roots = {s: root / s if (root / "train").is_dir() else root for s in splits}
 
     def build():
         parts, skipped = {}, []
