@@ -25,6 +25,7 @@ import torch.nn as nn
 from .errors import UsageError
 from .inference import load_model
 from .model import DenseBlock, DenseNet, Transition, create_model, list_models, model_info
+from .resnet import RESIDUAL_BLOCKS, ResNet
 from .paper import RECIPE_COLUMNS, paper_error
 from .plots import plot_curves, plot_feature_reuse, plot_tradeoff
 from .rundir import atomic_write_json, read_json, read_metrics
@@ -43,24 +44,29 @@ def _meta_model(name: str, **overrides) -> DenseNet:
     return model.eval().set_implementation("reference")
 
 
-def _stages(model: DenseNet) -> list[tuple[str, str, list[nn.Module]]]:
-    """(name, kind, modules) of Table 1's rows, in forward order; the head is built separately."""
+def _stages(model: DenseNet | ResNet) -> list[tuple[str, str, list[nn.Module]]]:
+    """(name, kind, modules) of Table 1's rows, in forward order; the head's classifier is
+    added by the caller (a ResNet without a final norm has a head of the classifier alone)."""
     stages: list[tuple[str, str, list[nn.Module]]] = []
     for child_name, child in model.features.named_children():
-        if child_name in ("conv0", "norm0", "relu0"):
+        if child_name in ("conv0", "norm0", "relu0", "conv1", "bn1", "relu"):
             if not stages or stages[-1][1] != "conv":
                 stages.append(("Convolution", "conv", []))
             stages[-1][2].append(child)
-        elif child_name == "pool0":
+        elif child_name in ("pool0", "maxpool"):
             stages.append(("Pooling", "pool", [child]))
         elif isinstance(child, DenseBlock):
             stages.append((f"Dense Block ({child_name[len('denseblock'):]})", "block", [child]))
         elif isinstance(child, Transition):
             stages.append((f"Transition Layer ({child_name[len('transition'):]})", "transition", [child]))
-        elif child_name == "norm5":
+        elif isinstance(model, ResNet) and child_name.startswith("layer"):
+            stages.append((f"Residual Stage ({child_name[len('layer'):]})", "stage", [child]))
+        elif child_name in ("norm5", "norm"):
             stages.append(("Classification Layer", "head", [child]))
         else:  # a module this summary does not know: count it where it sits
             stages.append((child_name, "other", [child]))
+    if not stages or stages[-1][1] != "head":
+        stages.append(("Classification Layer", "head", []))
     return stages
 
 
@@ -80,7 +86,7 @@ def _fmt(size: Sequence[int]) -> str:
 
 def _composition(kind: str, modules: list[nn.Module], model: DenseNet, size: tuple[int, ...]) -> str:
     """Table 1's 'layer' column, e.g. '[1x1 conv, 3x3 conv] x 6' ('1x1x1 conv' in 3-D)."""
-    m = modules[0]
+    m = modules[0] if modules else None
     d = getattr(model, "spatial_dims", 2)
     if kind == "conv":
         stride = _ntuple(m.stride, d)[0]
@@ -95,6 +101,11 @@ def _composition(kind: str, modules: list[nn.Module], model: DenseNet, size: tup
         convs = [c for c in layer.modules() if isinstance(c, _CONV)]
         inner = ", ".join(f"{_fmt(_ntuple(c.kernel_size, d))} conv" for c in convs)
         return f"[{inner}] x {len(m)}"
+    if kind == "stage":  # the first unit's residual branch (its shortcut aside), x units
+        unit = m[0]
+        convs = [c for name, c in unit.named_children() if isinstance(c, _CONV) and name != "downsample"]
+        inner = ", ".join(f"{_fmt(_ntuple(c.kernel_size, d))} conv" for c in convs)
+        return f"[{inner}] x {len(m)}, {unit.out_channels} maps"
     if kind == "transition":
         return f"{_fmt((1,) * d)} conv, {_fmt((2,) * d)} average pool, stride 2"
     if kind == "head":
@@ -146,6 +157,12 @@ def _trace(module: nn.Module, c: int, size: tuple[int, ...]) -> tuple[int, tuple
                                  f"{_fmt(layer_size)}.")
             macs += m
         return module.out_channels, size, macs
+    if isinstance(module, RESIDUAL_BLOCKS):  # the branch, then the shortcut on the same input
+        branch = [child for name, child in module.named_children() if name != "downsample"]
+        out_c, out_size, macs = _trace(nn.Sequential(*branch), c, size)
+        if module.downsample is not None:
+            macs += _trace(module.downsample, c, size)[2]
+        return out_c, out_size, macs
     if isinstance(module, (_NORM, nn.ReLU, nn.Dropout, nn.Identity)):
         return c, size, 0
     children = list(module.children())  # Sequential, Transition, DenseLayer: in forward order
@@ -158,7 +175,15 @@ def _trace(module: nn.Module, c: int, size: tuple[int, ...]) -> tuple[int, tuple
     return c, size, macs
 
 
-def _summarize(model: DenseNet, input_size: int, in_channels: int | None = None) -> list[dict]:
+def _depth(modules: Sequence[nn.Module]) -> int:
+    """Weighted layers (convolutions, linear) on the main path: a residual unit's projection
+    shortcut is not counted, as He et al. count depth."""
+    skip = {id(x) for m in modules for unit in m.modules() if isinstance(unit, RESIDUAL_BLOCKS)
+            and unit.downsample is not None for x in unit.downsample.modules()}
+    return sum(isinstance(x, (_CONV, nn.Linear)) and id(x) not in skip for m in modules for x in m.modules())
+
+
+def _summarize(model: DenseNet | ResNet, input_size: int, in_channels: int | None = None) -> list[dict]:
     """One row per Table 1 stage: output size, channels, layers, parameters and MACs, for an
     input of ``input_size`` a side in each of the model's spatial dimensions and
     ``in_channels`` channels (default: the model's)."""
@@ -173,7 +198,7 @@ def _summarize(model: DenseNet, input_size: int, in_channels: int | None = None)
             c, size, mm = _trace(m, c, size)
             macs += mm
         params = sum(p.numel() for m in modules for p in m.parameters())
-        depth = sum(isinstance(x, (_CONV, nn.Linear)) for m in modules for x in m.modules())
+        depth = _depth(modules)
         pooled = size
         if kind == "head":  # norm5, then ReLU, global average pool and the classifier
             c, _, mm = _trace(model.classifier, c, (1,) * dims)
@@ -184,7 +209,7 @@ def _summarize(model: DenseNet, input_size: int, in_channels: int | None = None)
         rows.append({
             "stage": name, "kind": kind, "output_size": list(size),
             "in_channels": int(in_ch), "out_channels": int(c),
-            "layers": len(modules[0]) if kind == "block" else None,
+            "layers": len(modules[0]) if kind in ("block", "stage") else None,
             "depth": int(depth), "params": int(params), "macs": int(macs),
             "composition": _composition(kind, modules, model, pooled),
         })
@@ -214,12 +239,15 @@ def summary(name: str, input_size: int | None = None, num_classes: int | None = 
         rows = _summarize(model, input_size)
     except UsageError as e:
         raise UsageError(f"{name} at input size {input_size}: {e}") from None
+    depth = sum(r["depth"] for r in rows)
     return {
-        "model": name, "description": info.description, "input_size": input_size,
-        "num_classes": model.classifier.out_features, "growth_rate": model.growth_rate,
+        "model": name, "description": info.description, "family": info.family,
+        "input_size": input_size, "num_classes": model.classifier.out_features,
+        "growth_rate": getattr(model, "growth_rate", None),
+        "depth": getattr(model, "depth", None) or depth,  # as the model's paper counts it
         "stages": rows,
         "totals": {"params": sum(r["params"] for r in rows), "macs": sum(r["macs"] for r in rows),
-                   "depth": sum(r["depth"] for r in rows)},
+                   "depth": depth},
     }
 
 
@@ -243,8 +271,9 @@ def format_si(n: float) -> str:
 
 def format_summary(s: dict) -> str:
     dims = len(s["stages"][0]["output_size"]) if s["stages"] else 2
+    k = "" if s.get("growth_rate") is None else f"growth rate k={s['growth_rate']}, "
     head = (f"{s['model']} - {s['description']}: {_fmt((s['input_size'],) * dims)} input, "
-            f"{s['num_classes']} classes, growth rate k={s['growth_rate']}, depth L={s['totals']['depth']}")
+            f"{s['num_classes']} classes, {k}depth L={s['depth']}")
     sizes = [_fmt(r["output_size"]) for r in s["stages"]]
     w = max([9, *map(len, sizes)])  # 9 fits any 2-D size up to 9999x9999
     cols = f"{'stage':<24} {'output':>{w}} {'in ch':>6} {'out ch':>6} {'layers':>6} {'depth':>5} {'params':>12} {'MACs':>9}  composition"
@@ -374,8 +403,8 @@ def _run_shape(run: dict) -> dict:
         model = _meta_model(name, **{k: v for k, v in overrides.items() if k != "implementation"})
     except UsageError:
         return out
-    out["depth"] = sum(isinstance(m, (_CONV, nn.Linear)) for m in model.modules())
-    out["k"] = model.growth_rate
+    out["depth"] = getattr(model, "depth", None) or _depth([model])
+    out["k"] = getattr(model, "growth_rate", None)
     if out["params"] is None:
         out["params"] = sum(p.numel() for p in model.parameters())
     if out["macs"] is None:

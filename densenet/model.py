@@ -325,7 +325,50 @@ class _Trunk(nn.Module):
         return x, maps[:len(take)]
 
 
-class DenseNet(_Trunk):
+class _Classifier(_Trunk):
+    """A trunk with its head (global average pooling and a linear classifier): what every model
+    of the registry is, DenseNets and the ResNet baselines alike."""
+
+    classifier: nn.Module
+    num_features: int
+    spatial_dims: int
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
+                              intermediates_only: bool = False):
+        """The feature maps at ``indices`` of ``feature_info``, as timm returns them:
+        ``(final, maps)``, with ``final`` what :meth:`forward_features` returns, or only ``maps``
+        if ``intermediates_only`` (then nothing after the last selected map is computed).
+
+        ``indices``: None for all maps, an int n for the last n, or a sequence of indices
+        (negative ones count from the end). The maps come shallow to deep.
+        """
+        take = _take_indices(len(self.feature_info), indices, "indices")
+        final, maps = self._forward_taps(x, take, to_end=not intermediates_only)
+        return maps if intermediates_only else (final, maps)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = torch.flatten(_GLOBAL_POOL[self.spatial_dims](x, 1), 1)
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh linear head for fine-tuning (num_classes=0 gives pooled features)."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise UsageError(f"num_classes must be a non-negative integer, got {num_classes!r}.")
+        p = self.classifier.weight if isinstance(self.classifier, nn.Linear) else next(self.parameters())
+        if num_classes == 0:
+            self.classifier = nn.Identity()
+        else:
+            self.classifier = nn.Linear(self.num_features, num_classes, device=p.device, dtype=p.dtype)
+            nn.init.zeros_(self.classifier.bias)
+
+
+class DenseNet(_Classifier):
     """Any DenseNet of the paper, from its parameters.
 
     Args:
@@ -446,26 +489,6 @@ class DenseNet(_Trunk):
             return ops.features_forward(self.features, x)
         return F.relu(self.features(x))
 
-    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
-                              intermediates_only: bool = False):
-        """The feature maps at ``indices`` of ``feature_info``, as timm returns them:
-        ``(final, maps)``, with ``final`` what :meth:`forward_features` returns, or only ``maps``
-        if ``intermediates_only`` (then nothing after the last selected map is computed).
-
-        ``indices``: None for all maps, an int n for the last n, or a sequence of indices
-        (negative ones count from the end). The maps come shallow to deep.
-        """
-        take = _take_indices(len(self.feature_info), indices, "indices")
-        final, maps = self._forward_taps(x, take, to_end=not intermediates_only)
-        return maps if intermediates_only else (final, maps)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = torch.flatten(_GLOBAL_POOL[self.spatial_dims](x, 1), 1)
-        return x if pre_logits else self.classifier(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
     # MONAI's DenseNets keep the classifier as ``class_layers.out``: map it on load.
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         head = prefix + "class_layers.out."
@@ -473,23 +496,9 @@ class DenseNet(_Trunk):
             state_dict[prefix + "classifier." + key[len(head):]] = state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def get_classifier(self) -> nn.Module:
-        return self.classifier
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """A fresh linear head for fine-tuning (num_classes=0 gives pooled features)."""
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise UsageError(f"num_classes must be a non-negative integer, got {num_classes!r}.")
-        p = self.classifier.weight if isinstance(self.classifier, nn.Linear) else next(self.parameters())
-        if num_classes == 0:
-            self.classifier = nn.Identity()
-        else:
-            self.classifier = nn.Linear(self.num_features, num_classes, device=p.device, dtype=p.dtype)
-            nn.init.zeros_(self.classifier.bias)
-
 
 class DenseNetFeatures(_Trunk):
-    """A DenseNet without its classifier, as a backbone for detection or segmentation: forward
+    """A DenseNet (or a ResNet baseline) without its classifier, as a backbone for detection or segmentation: forward
     returns the list of feature maps at ``out_indices`` (timm's ``features_only``).
 
     The maps are those of ``model.feature_info``: for the ImageNet stem norm0+relu0 at stride 2,
@@ -511,8 +520,9 @@ class DenseNetFeatures(_Trunk):
 
     def __init__(self, model: DenseNet, out_indices: int | Sequence[int] | None = None):
         super().__init__()
-        if not isinstance(model, DenseNet):
-            raise UsageError(f"DenseNetFeatures wraps a DenseNet, got {type(model).__name__}.")
+        if not isinstance(model, _Classifier):
+            raise UsageError(f"DenseNetFeatures wraps a model of the registry (a DenseNet or a ResNet), "
+                             f"got {type(model).__name__}.")
         self.out_indices = _take_indices(len(model.feature_info), out_indices, "out_indices")
         self.feature_info = model.feature_info.from_other(self.out_indices)
         self.implementation = model.implementation
@@ -540,13 +550,28 @@ class ModelInfo:
     input_size: int
     kwargs: dict = field(default_factory=dict)
     paper_key: str | None = None  # row name in the paper's tables (see densenet.paper)
+    build: Callable[..., nn.Module] = DenseNet  # the class ``kwargs`` are given to
+    family: str = "DenseNet"  # "DenseNet", "DenseNet-BC", "ResNet", "pre-activation ResNet", ...
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
+# Name patterns beyond the registered names: (parser returning a ModelInfo or None, how to write them).
+_PATTERNS: list[tuple[Callable[[str], ModelInfo | None], str]] = []
+
+
+def register_model(info: ModelInfo) -> None:
+    """Add a model to the registry under ``info.name`` (in the order ``list_models`` gives)."""
+    _REGISTRY[info.name] = info
+
+
+def register_pattern(parse: Callable[[str], ModelInfo | None], how: str) -> None:
+    """Accept any name ``parse`` turns into a :class:`ModelInfo` (``how`` says how to write one)."""
+    _PATTERNS.append((parse, how))
 
 
 def _register(name: str, description: str, input_size: int, paper_key: str | None = None, **kwargs) -> None:
-    _REGISTRY[name] = ModelInfo(name, description, input_size, kwargs, paper_key)
+    family = "DenseNet-BC" if kwargs.get("bottleneck") and kwargs.get("compression", 1) < 1 else "DenseNet"
+    register_model(ModelInfo(name, description, input_size, kwargs, paper_key, DenseNet, family))
 
 
 def list_models() -> list[str]:
@@ -566,17 +591,23 @@ def model_info(name: str) -> ModelInfo:
         bc, depth, k = bool(match.group(1)), int(match.group(2)), int(match.group(3))
         kwargs = _cifar_kwargs(depth, k, bc)  # raises for an impossible depth
         return ModelInfo(name, f"DenseNet{'-BC' if bc else ''} (L={depth}, k={k}), CIFAR/SVHN", 32,
-                         kwargs, None)
+                         kwargs, None, DenseNet, "DenseNet-BC" if bc else "DenseNet")
+    for parse, _ in _PATTERNS if isinstance(name, str) else ():
+        info = parse(name)  # raises for an impossible depth
+        if info is not None:
+            return info
+    shapes = ", ".join(["densenet_bc{L}_k{k} / densenet{L}_k{k}", *(how for _, how in _PATTERNS)])
     raise UsageError(
         f"unknown model name {name!r}. Known models: {', '.join(_REGISTRY)} "
-        f"(or any CIFAR shape as densenet_bc{{L}}_k{{k}} / densenet{{L}}_k{{k}})."
+        f"(or any CIFAR shape as {shapes})."
     )
 
 
 def create_model(name: str, weights: str | None = None, features_only: bool = False,
                  out_indices: int | Sequence[int] | None = None,
                  **overrides) -> DenseNet | DenseNetFeatures:
-    """Build a registered model by name; ``overrides`` replace any DenseNet argument.
+    """Build a registered model by name; ``overrides`` replace any argument of its class
+    (:class:`DenseNet`, or :class:`~densenet.resnet.ResNet` for the baselines).
 
     ``weights`` is a local checkpoint file (torchvision, timm or this package's own) loaded
     strictly into the model. ``features_only`` gives the backbone instead
@@ -588,7 +619,7 @@ def create_model(name: str, weights: str | None = None, features_only: bool = Fa
         raise UsageError("out_indices selects the feature maps of a backbone; pass features_only=True "
                          "with it, or leave it out for the classifier.")
     kwargs = {**info.kwargs, **overrides}
-    model = DenseNet(**kwargs)
+    model = info.build(**kwargs)
     if features_only:
         model = DenseNetFeatures(model, out_indices)
     if weights is not None:

@@ -69,18 +69,26 @@ def load_weights_into(model: torch.nn.Module, path: str | os.PathLike, inflate: 
 _LAYER_KEY = re.compile(r"^(.*denselayer\d+\.)(?:layers\.(norm|relu|conv)([12])|(norm|relu|conv)\.([12]))\."
                         r"(weight|bias|running_mean|running_var|num_batches_tracked)$")
 _MONAI_HEAD = "class_layers.out."
+# torchvision's and timm's ResNets keep their parts at the top: conv1, bn1, layer1..4, fc.
+_RESNET_TOP = re.compile(r"^(conv1|bn1|layer\d+)\.")
 
 
 def canonical_key(key: str) -> str:
     """``key`` in this package's (torchvision's) names: MONAI's ``...denselayerN.layers.norm1.*``
     and legacy ``...denselayerN.norm.1.*`` become ``...denselayerN.norm1.*``, MONAI's
-    ``class_layers.out.*`` becomes ``classifier.*``; any other key is returned as it is."""
+    ``class_layers.out.*`` becomes ``classifier.*``; a torchvision ResNet's ``conv1.*``,
+    ``bn1.*`` and ``layerN.*`` go under ``features.`` and its ``fc.*`` becomes ``classifier.*``;
+    any other key is returned as it is."""
     match = _LAYER_KEY.match(key)
     if match:
         head, part, index = match.group(1), match.group(2) or match.group(4), match.group(3) or match.group(5)
         return f"{head}{part}{index}.{match.group(6)}"
     if key.startswith(_MONAI_HEAD):
         return "classifier." + key[len(_MONAI_HEAD):]
+    if key.startswith("fc."):
+        return "classifier." + key[len("fc."):]
+    if _RESNET_TOP.match(key):
+        return "features." + key
     return key
 
 
@@ -164,7 +172,7 @@ def fit_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
     own = model.state_dict()
     if inflate:
         state = inflate_state_dict(state, own)
-    for key in ("features.conv0.weight", "conv0.weight"):
+    for key in ("features.conv0.weight", "conv0.weight", "features.conv1.weight"):
         if key in state and key in own:
             w, t = state[key], own[key]
             if w.dim() == t.dim() >= 3 and w.shape[0] == t.shape[0] and w.shape[2:] == t.shape[2:]:

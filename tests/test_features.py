@@ -156,7 +156,7 @@ def test_out_indices_need_features_only_and_indices_are_checked_the_same_way():
         create_model("densenet121", features_only=True, out_indices=(0, 5))
     with pytest.raises(UsageError, match="indices \\(3,\\): index 3 is out of range .* 0 to 2"):
         _cifar().forward_intermediates(_images(), indices=(3,))
-    with pytest.raises(UsageError, match="wraps a DenseNet"):
+    with pytest.raises(UsageError, match="wraps a model of the registry"):
         DenseNetFeatures(nn.Linear(2, 2))
 
 
