@@ -16,6 +16,7 @@ against ``torch.utils.flop_counter`` on a real forward pass.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Sequence
 
@@ -26,7 +27,7 @@ from .errors import UsageError
 from .inference import load_model
 from .model import DenseBlock, DenseNet, Transition, create_model, list_models, model_info
 from .resnet import RESIDUAL_BLOCKS, ResNet
-from .paper import RECIPE_COLUMNS, paper_error
+from .paper import RECIPE_COLUMNS, TABLE2_COLUMNS, paper_error, paper_points
 from .plots import plot_curves, plot_feature_reuse, plot_tradeoff
 from .rundir import atomic_write_json, read_json, read_metrics
 
@@ -484,39 +485,122 @@ def format_report(rows: list[dict], markdown: bool = False) -> str:
     return "\n".join(lines)
 
 
-def _tradeoff_points(runs: list[dict], kind: str) -> tuple[list, str]:
-    points = []
-    label = None
-    for run in runs:
-        shape = _run_shape(run)
-        errors = _run_errors(run)
-        for key, what in (("test_error", "test"), ("final_val_error", "validation"),
-                          ("best_val_error", "best validation")):
-            if errors[key] is not None:
-                err = errors[key]
-                label = label or what
-                break
-        else:
-            raise UsageError(f"run {run['path']} has no error to plot yet (no validation or "
-                             f"test error in result.json or metrics.jsonl).")
-        x = shape["params"] if kind == "params" else shape["macs"]
-        if x is None:
-            raise UsageError(f"cannot tell the model of run {run['path']} (no config.json or "
-                             f"result.json naming it).")
-        points.append((f"{run['name']} ({shape['model']})", x, err))
-    return points, label
+# A run's recipe -> the paper's result column its error compares with.
+_RECIPE_COLUMN = {"c10": "C10", "c10+": "C10+", "c100": "C100", "c100+": "C100+", "svhn": "SVHN",
+                  "imagenet": "ImageNet"}
+_COLUMNS = (*TABLE2_COLUMNS, "ImageNet")
+_FIGURE = {"ImageNet": "Figure 3", "C10+": "Figure 4 (middle)"}
 
 
-def plot_runs(paths: Sequence[str | Path], out: str | Path, kind: str = "curves") -> None:
-    """Figure 4 style: training curves of runs overlaid, or error against params/FLOPs."""
-    runs = [load_run(p) for p in paths]
+def _run_point(run: dict, kind: str) -> dict:
+    """A run as a point of error against parameters or MACs: its test error, else its final
+    (else best) validation error."""
+    shape = _run_shape(run)
+    errors = _run_errors(run)
+    for key, what in (("test_error", "test"), ("final_val_error", "validation"),
+                      ("best_val_error", "best validation")):
+        if errors[key] is not None:
+            break
+    else:
+        raise UsageError(f"run {run['path']} has no error to plot yet (no validation or "
+                         f"test error in result.json or metrics.jsonl).")
+    x = shape["params"] if kind == "params" else shape["macs"]
+    if x is None:
+        raise UsageError(f"cannot tell the model of run {run['path']} (no config.json or "
+                         f"result.json naming it).")
+    try:
+        family = model_info(shape["model"]).family
+    except UsageError:
+        family = "other"
+    recipe = (run["config"] or {}).get("recipe") or (run["result"] or {}).get("recipe")
+    return {"label": run["name"], "run": run["path"], "model": shape["model"], "family": family,
+            "recipe": recipe, "x": int(x), "error": 100.0 * errors[key], "error_kind": what}
+
+
+def _paper_column(runs: list[dict], paper: str, kind: str) -> str | None:
+    """The paper column whose points the figure draws: ``paper`` itself (a column or a
+    recipe name), none for "none", or for "auto" the column of the runs' recipe (Figure 3's
+    ImageNet for FLOPs and Figure 4's C10+ for parameters when there are no runs)."""
+    if paper == "none":
+        return None
+    if paper != "auto":
+        by_name = {c.lower(): c for c in _COLUMNS} | _RECIPE_COLUMN
+        if paper.lower() not in by_name:
+            raise UsageError(f"--paper {paper!r} is not a result column of the paper; use one of "
+                             f"{', '.join(_COLUMNS)}, auto or none.")
+        return by_name[paper.lower()]
+    if not runs:
+        return "ImageNet" if kind == "flops" else "C10+"
+    columns = {_RECIPE_COLUMN.get(r["recipe"]) for r in runs} - {None}
+    if len(columns) > 1:
+        raise UsageError(f"the runs were trained with recipes of different result columns "
+                         f"({', '.join(sorted(columns))}); plot them separately, or pick the "
+                         f"paper's points with --paper COLUMN (or --paper none).")
+    return columns.pop() if columns else None
+
+
+@functools.lru_cache(maxsize=None)
+def _model_size(name: str, num_classes: int) -> tuple[int, int]:
+    """(parameters, MACs at the native input size) of a registered model."""
+    s = summary(name, num_classes=num_classes)
+    return s["totals"]["params"], s["totals"]["macs"]
+
+
+def tradeoff_figure(paths: Sequence[str | Path] = (), kind: str = "params", paper: str = "auto") -> dict:
+    """The data of an error-against-parameters (or -MACs) figure: the paper's points of both
+    families for one result column (Figure 3 for ImageNet, Figure 4 middle for C10+; x
+    computed from each model's definition) and the runs at ``paths``, one series per family
+    (DenseNet-BC, pre-activation ResNet, ...) for each. Errors in %."""
+    if kind not in ("params", "flops"):
+        raise UsageError(f"kind must be 'params' or 'flops', got {kind!r}.")
+    run_points = [_run_point(load_run(p), kind) for p in paths]
+    column = _paper_column(run_points, paper, kind)
+    series: dict[tuple[str, str], dict] = {}
+
+    def add(family: str, source: str, point: dict) -> None:
+        name = f"{family} ({'paper' if source == 'paper' else 'runs'})"
+        series.setdefault((source, family), {"name": name, "family": family, "source": source,
+                                             "points": []})["points"].append(point)
+
+    if column is not None:
+        classes = 1000 if column == "ImageNet" else 100 if column.startswith("C100") else 10
+        for p in paper_points(column):
+            params, macs = _model_size(p["model"], classes)
+            add(p["family"], "paper", {**p, "x": params if kind == "params" else macs})
+    for p in run_points:
+        add(p["family"], "runs", p)
+    for s in series.values():
+        s["points"].sort(key=lambda p: p["x"])
+    title = None if column is None else (f"{_FIGURE[column]}: {column}" if column in _FIGURE
+                                         else f"Table 2: {column}")
+    return {"figure": _FIGURE.get(column) if column else None, "column": column, "kind": kind,
+            "title": title or "runs",
+            "xlabel": "parameters" if kind == "params" else "FLOPs (multiply-adds per image)",
+            "ylabel": "error (%)" if column is None else
+            f"error (%), {'top-1 single-crop' if column == 'ImageNet' else column}",
+            "series": list(series.values())}
+
+
+def plot_runs(paths: Sequence[str | Path], out: str | Path, kind: str = "curves",
+              paper: str = "auto", json_out: str | Path | None = None) -> dict | None:
+    """Training curves of runs overlaid (Figure 4, right), or error against parameters or
+    FLOPs (Figures 3 and 4, middle: :func:`tradeoff_figure`), its data also written as JSON
+    to ``json_out``."""
     if kind == "curves":
+        runs = [load_run(p) for p in paths]
+        if not runs:
+            raise UsageError("plot --kind curves needs at least one run directory.")
         for run in runs:
             if not run["metrics"]:
                 raise UsageError(f"run {run['path']} has no metrics.jsonl rows yet (no finished "
                                  f"epoch); nothing to plot.")
         plot_curves([(run["name"], run["metrics"]) for run in runs], out)
-        return
-    points, label = _tradeoff_points(runs, kind)
-    xlabel = "parameters" if kind == "params" else "FLOPs (multiply-adds per image)"
-    plot_tradeoff(points, out, xlabel=xlabel)
+        return None
+    figure = tradeoff_figure(paths, kind, paper)
+    if not any(s["points"] for s in figure["series"]):
+        raise UsageError("nothing to plot: give run directories, or the paper's points with "
+                         "--paper COLUMN.")
+    plot_tradeoff(figure, out)
+    if json_out is not None:
+        atomic_write_json(json_out, figure)
+    return figure

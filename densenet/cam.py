@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from .errors import UsageError
 from .inference import Loaded, imagenet_class_names, open_image, open_volume
 from .model import DenseNet
+from .resnet import ResNet
 from .preprocess import to_rgb
 from .rundir import atomic_write_bytes
 from .volumes import INSTALL_HELP, VOLUME_EXTENSIONS, is_volume_file, write_nifti
@@ -60,8 +61,11 @@ class GradCAM(NamedTuple):
     classes: torch.Tensor  # (N,) int64: the class each map explains
 
 
-def last_block(model: DenseNet) -> torch.nn.Module:
-    """The last dense block, ``model.features.denseblock{len(block_config)}``."""
+def last_block(model: DenseNet | ResNet) -> torch.nn.Module:
+    """The last dense block, ``model.features.denseblock{len(block_config)}`` (for a ResNet
+    baseline its last residual stage)."""
+    if isinstance(model, ResNet):
+        return model.last_stage()
     return getattr(model.features, f"denseblock{len(model.block_config)}")
 
 

@@ -73,7 +73,7 @@ def export(loaded: Loaded, fmt: str, out: str | os.PathLike, tolerance: float | 
     # ExportedProgram of the default model would hold them; ONNX and TorchScript know neither).
     model = copy.deepcopy(loaded.model).cpu().float().eval().set_implementation("reference")
     size = input_shape(loaded)
-    in_channels = model.features.conv0.in_channels
+    in_channels = model.in_channels
     example = torch.randn(2, in_channels, *size, generator=torch.Generator().manual_seed(seed))
     meta = json.dumps(metadata(loaded))
     tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")  # keep the suffix: torch.export checks it

@@ -90,25 +90,34 @@ def plot_curves(runs: Sequence[tuple[str, Sequence[dict]]], out_path: str | os.P
     _save(fig, out_path)
 
 
-def plot_tradeoff(points: Sequence[tuple[str, float, float]], out_path: str | os.PathLike,
-                  xlabel: str, figsize: tuple[float, float] = (6.0, 4.5)) -> None:
-    """Error (%) against parameters or FLOPs, one labelled point per run (Figures 3 and 4).
-
-    ``points`` is a list of ``(label, x, error)`` with ``error`` a fraction.
-    """
+def plot_tradeoff(figure: dict, out_path: str | os.PathLike, figsize: tuple[float, float] = (7.5, 5.0)) -> None:
+    """Error (%) against parameters or FLOPs (Figures 3 and 4, middle): each series of
+    ``figure`` (:func:`densenet.analysis.tradeoff_figure`) as labelled points joined in order
+    of x, one colour per family; the paper's points as circles with solid lines, runs as stars
+    with dashed lines. The x axis is logarithmic when it spans more than a factor of 20."""
     fig = _figure(figsize)
     ax = fig.subplots()
-    if points:
-        xs = [p[1] for p in points]
-        ys = [100.0 * p[2] for p in points]
-        ax.scatter(xs, ys, color="C0", zorder=3)
-        for label, x, y in zip((p[0] for p in points), xs, ys):
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize="small")
-        if len(points) > 1:
-            order = sorted(range(len(xs)), key=xs.__getitem__)
-            ax.plot([xs[i] for i in order], [ys[i] for i in order], color="C0", alpha=0.4)
-    ax.set(xlabel=xlabel, ylabel="error (%)")
-    ax.grid(True, alpha=0.3)
+    families = list(dict.fromkeys(s["family"] for s in figure["series"]))
+    xs_all = []
+    for s in figure["series"]:
+        pts = s["points"]
+        if not pts:
+            continue
+        color = f"C{families.index(s['family']) % 10}"
+        paper = s["source"] == "paper"
+        xs, ys = [p["x"] for p in pts], [p["error"] for p in pts]
+        xs_all += xs
+        ax.plot(xs, ys, color=color, linestyle="-" if paper else "--", marker="o" if paper else "*",
+                markersize=6 if paper else 11, alpha=0.9, label=s["name"], zorder=3)
+        for p in pts:
+            ax.annotate(p["label"], (p["x"], p["error"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize="x-small", color=color)
+    if xs_all and max(xs_all) > 20 * min(xs_all):
+        ax.set_xscale("log")
+    ax.set(xlabel=figure["xlabel"], ylabel=figure["ylabel"], title=figure.get("title", ""))
+    ax.grid(True, alpha=0.3, which="both")
+    if ax.lines:
+        ax.legend(fontsize="small")
     fig.tight_layout()
     _save(fig, out_path)
 

@@ -257,7 +257,7 @@ def test_plot_command_overlays_runs_and_plots_error_against_params_and_flops(tmp
                  result={"params": 1_019_722, "flops": 264_812_928, "final_val_error": 0.2,
                          "best_val_error": 0.19, "test_error": 0.21})
     b = make_run(tmp_path, "b", model="densenet_bc100_k12", metrics=metrics_rows(2))  # no result yet
-    for kind, size in (("curves", (1000, 400)), ("params", (600, 450)), ("flops", (600, 450))):
+    for kind, size in (("curves", (1000, 400)), ("params", (750, 500)), ("flops", (750, 500))):
         out = tmp_path / f"{kind}.png"
         assert main(["plot", str(a), str(b), "--out", str(out), "--kind", kind]) == 0
         with Image.open(out) as img:

@@ -45,8 +45,12 @@ def _cmd_analyze(args) -> int:
 
 
 def _cmd_plot(args) -> int:
-    plot_runs(args.runs, args.out, args.kind)
-    print(f"wrote {args.out}")
+    figure = plot_runs(args.runs, args.out, args.kind, paper=args.paper, json_out=args.json)
+    if figure is not None:
+        for s in figure["series"]:
+            print(f"{s['name']}: " + ", ".join(f"{p['label']} {format_si(p['x'])} {p['error']:.2f}%"
+                                               for p in s["points"]))
+    print(f"wrote {args.out}" + (f" and {args.json}" if args.json else ""))
     return 0
 
 
@@ -90,12 +94,21 @@ def register(sub) -> None:
     p.add_argument("--json", metavar="FILE", help="also write the matrices as JSON")
     p.set_defaults(func=_cmd_analyze)
 
-    p = sub.add_parser("plot", help="training curves, or error vs parameters/FLOPs, of runs",
-                       description="Figure 4 style plots of run directories: training curves "
-                       "overlaid (--kind curves), or error against parameters or FLOPs.")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p = sub.add_parser("plot", help="training curves, or error vs parameters/FLOPs (Figures 3-4)",
+                       description="Training curves of run directories overlaid (--kind curves, "
+                       "Figure 4 right), or error against parameters or FLOPs (--kind params / "
+                       "flops): the paper's DenseNets and ResNets (Figure 3 for ImageNet, Figure 4 "
+                       "middle for C10+, any Table 2 column) with your runs over them, one line per "
+                       "family. With --paper none only your runs are drawn: DenseNet-BC against "
+                       "pre-activation ResNet, say, from your own runs.")
+    p.add_argument("runs", nargs="*", metavar="RUN_DIR")
     p.add_argument("--out", required=True, metavar="FIG.png")
     p.add_argument("--kind", choices=["curves", "params", "flops"], default="curves")
+    p.add_argument("--paper", default="auto", metavar="COLUMN",
+                   help="the paper's points to draw (params/flops): C10, C10+, C100, C100+, SVHN, "
+                   "ImageNet, none, or auto (the runs' recipe; with no runs ImageNet for flops, "
+                   "C10+ for params)")
+    p.add_argument("--json", metavar="FILE", help="also write the figure's data (every point) as JSON")
     p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser("report", help="Table 2 of your runs beside the paper's numbers",
