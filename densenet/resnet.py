@@ -373,16 +373,16 @@ def _info(name: str, paper_key: str | None = None) -> ModelInfo | None:
     m = re.fullmatch(r"resnet(\d+)", name)
     if m and int(m.group(1)) in IMAGENET_RESNETS:
         depth = int(m.group(1))
-        return ModelInfo(name, f"ResNet-{depth} (He et al. 2016), ImageNet", 224,
+        return ModelInfo(name, f"ResNet-{depth} (He et al., CVPR 2016), ImageNet", 224,
                          _imagenet_kwargs(depth), paper_key, ResNet, "ResNet")
     if m:
         depth = int(m.group(1))
-        return ModelInfo(name, f"ResNet-{depth} (He et al. 2016), CIFAR/SVHN", 32,
+        return ModelInfo(name, f"ResNet-{depth} (He et al., CVPR 2016), CIFAR/SVHN", 32,
                          _cifar_resnet_kwargs(depth), paper_key, ResNet, "ResNet")
     m = re.fullmatch(r"preact_resnet(\d+)", name)
     if m:
         depth = int(m.group(1))
-        return ModelInfo(name, f"pre-activation ResNet-{depth} (He et al. 2016), CIFAR/SVHN", 32,
+        return ModelInfo(name, f"pre-activation ResNet-{depth} (He et al., ECCV 2016), CIFAR/SVHN", 32,
                          _preact_kwargs(depth), paper_key, ResNet, "pre-activation ResNet")
     m = re.fullmatch(r"wrn(\d+)_(\d+)", name)
     if m:

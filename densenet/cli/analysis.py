@@ -22,7 +22,8 @@ def _cmd_models(args) -> int:
     for r in table:
         print(f"{r['name']:<20} {r['params']:>12,} {format_si(r['macs']):>9} {r['input_size']:>5}  {r['description']}")
     print("\nMACs: multiply-adds of one forward pass at the input size (convolutions and the "
-          "classifier). Any CIFAR shape also works by name: densenet_bc{L}_k{k}, densenet{L}_k{k}.")
+          "classifier). Any CIFAR shape also works by name: densenet_bc{L}_k{k}, densenet{L}_k{k}, "
+          "and for the baselines resnet{L} (L = 6n+2), preact_resnet{L} (9n+2), wrn{L}_{k} (6n+4).")
     return 0
 
 
