@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import torchvision
 
 from densenet import count_parameters, create_model
 from densenet.analysis import format_report, report, tradeoff_figure
@@ -189,3 +190,25 @@ def test_runs_of_different_columns_need_a_chosen_paper_column(tmp_path, capsys):
     runs = [fake_run(tmp_path, "a", "resnet110"), fake_run(tmp_path, "b", "resnet110", recipe="c100+")]
     assert main(["plot", *map(str, runs), "--kind", "params", "--out", str(tmp_path / "x.png")]) == 2
     assert "different result columns (C10+, C100+)" in capsys.readouterr().err
+
+
+def test_grad_cam_explains_the_last_residual_stage_of_a_baseline(baseline_run, data, tmp_path):
+    r = cli("cam", baseline_run, data / "cat" / "000.png", "--out", tmp_path / "cam.png")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "cam.png").stat().st_size > 1000
+
+
+def test_fine_tuning_starts_from_a_torchvision_resnet_file_with_a_new_head(tmp_path, data):
+    tv = torchvision.models.resnet18(weights=None)
+    torch.save(tv.state_dict(), tmp_path / "r18.pth")
+    out = tmp_path / "ft"
+    train("resnet18", "finetune", str(data), str(out), weights=str(tmp_path / "r18.pth"), epochs=1,
+          batch_size=8, max_steps=2, quiet=True, freeze="features", set_fields={"input_size": "64"})
+    log = (out / "train.log").read_text()
+    assert "new classifier for the data's 3 classes (the file has 1000 classes, the data 3)" in log
+    state = load_checkpoint(out / "last.pt")["state_dict"]
+    assert state["classifier.weight"].shape == (3, 512)
+    # frozen features (weights and BN statistics) are torchvision's tensors, under our names
+    for ours, theirs in (("features.conv1.weight", tv.conv1.weight), ("features.bn1.running_var", tv.bn1.running_var),
+                         ("features.layer4.1.conv2.weight", tv.layer4[1].conv2.weight)):
+        assert torch.equal(state[ours], theirs.detach()), ours
