@@ -333,6 +333,18 @@ class _Classifier(_Trunk):
     num_features: int
     spatial_dims: int
 
+    def _init_weights(self) -> None:
+        # The paper's Torch code (fb.resnet.torch, also the ResNets') draws conv weights from
+        # N(0, 2/n) with n = k*k*out_channels, i.e. He init in fan_out mode.
+        for m in self.modules():
+            if isinstance(m, nn.modules.conv._ConvNd):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
     def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
                               intermediates_only: bool = False):
         """The feature maps at ``indices`` of ``feature_info``, as timm returns them:
@@ -469,18 +481,6 @@ class DenseNet(_Classifier):
         self.num_features = channels
         self.classifier = nn.Linear(channels, num_classes)
         self._init_weights()
-
-    def _init_weights(self) -> None:
-        # The paper's Torch code (fb.resnet.torch) draws conv weights from N(0, 2/n) with
-        # n = k*k*out_channels, i.e. He init in fan_out mode.
-        for m in self.modules():
-            if isinstance(m, nn.modules.conv._ConvNd):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The final feature map, after the last BN and ReLU (N, num_features, H', W'), with

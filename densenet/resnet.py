@@ -274,18 +274,6 @@ class ResNet(_Classifier):
         self.classifier = nn.Linear(channels, num_classes)
         self._init_weights()
 
-    def _init_weights(self) -> None:
-        # He et al. initialise convolutions from N(0, 2/n), n = k*k*out_channels (fan_out),
-        # as fb.resnet.torch and torchvision do.
-        for m in self.modules():
-            if isinstance(m, nn.modules.conv._ConvNd):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
-
     def set_implementation(self, implementation: str):
         """ResNets have one implementation; the call only checks the name (so that a training
         option meant for dense blocks is harmless)."""
@@ -314,14 +302,11 @@ class ResNet(_Classifier):
 
 # ----------------------------------------------------------------------------- the families
 
-def _depth_error(family: str, depth, rule: str, per: int, base: int, examples: Sequence[int]) -> UsageError:
-    return UsageError(f"depth {depth!r} is impossible for {family}: valid depths are L = {rule} "
-                      f"with n >= 1 units per stage (e.g. {', '.join(map(str, examples))}, ...).")
-
-
 def _units(depth, per: int, base: int, family: str, examples: Sequence[int]) -> int:
+    """Units per stage of a network of ``depth`` = per * n + base."""
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < per + base or (depth - base) % per:
-        raise _depth_error(family, depth, f"{per}n + {base}", per, base, examples)
+        raise UsageError(f"depth {depth!r} is impossible for {family}: valid depths are L = {per}n + "
+                         f"{base} with n >= 1 units per stage (e.g. {', '.join(map(str, examples))}, ...).")
     return (depth - base) // per
 
 
