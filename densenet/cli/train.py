@@ -116,9 +116,11 @@ def _cmd_recipes(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a DenseNet (no arguments: the offline quickstart)",
-                       description="Train a DenseNet with one of the paper's recipes into a run "
-                       "directory. With no arguments: the quickstart on the embedded CIFAR-10 sample.")
-    p.add_argument("--model", help="model name (densenet list: 'densenet models'); default: the recipe's")
+                       description="Train a DenseNet (or one of the paper's ResNet baselines) with "
+                       "one of the paper's recipes into a run directory. With no arguments: the "
+                       "quickstart on the embedded CIFAR-10 sample.")
+    p.add_argument("--model", help="model name ('densenet models' lists them, DenseNets and ResNet "
+                   "baselines); default: the recipe's")
     p.add_argument("--recipe", help="c10, c10+, c100, c100+, svhn, imagenet, finetune, chexnet, "
                    "volume (the default for volume data) or quickstart (the default otherwise)")
     p.add_argument("--data", help="data path: CIFAR archive/folder, SVHN .mat folder, class "
@@ -130,7 +132,7 @@ def register(sub) -> None:
                    "folder)")
     p.add_argument("--out", help="run directory (default: runs/RECIPE-MODEL-TIME)")
     p.add_argument("--weights", metavar="FILE_OR_RUN",
-                   help="start from these weights: a torchvision or timm DenseNet file, a densenet "
+                   help="start from these weights: a torchvision or timm DenseNet or ResNet file, a densenet "
                    "checkpoint or run directory; the classifier is replaced when the data's "
                    "classes differ (use with --recipe finetune)")
     p.add_argument("--new-head", action="store_true",
