@@ -536,6 +536,11 @@ class DenseNetFeatures(_Trunk):
         return self._forward_taps(x, self.out_indices, to_end=False)[1]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        from .weights import canonical_key  # torchvision's ResNet names (conv1, layer1, fc)
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            new = prefix + canonical_key(key[len(prefix):])
+            if new != key:
+                state_dict[new] = state_dict.pop(key)
         for key in [k for k in state_dict if k.startswith((prefix + "classifier.", prefix + "class_layers."))]:
             del state_dict[key]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

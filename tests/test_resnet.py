@@ -130,8 +130,12 @@ def test_torchvision_state_dicts_load_strictly_and_give_torchvisions_outputs(dep
         assert torch.equal(ours(x), tv(x))
     torch.save(tv.state_dict(), tmp_path / "tv.pth")
     loaded = create_model(f"resnet{depth}", weights=str(tmp_path / "tv.pth")).eval()
+    backbone = create_model(f"resnet{depth}", features_only=True).eval()
+    backbone.load_state_dict(tv.state_dict(), strict=True)  # the head ignored
     with torch.no_grad():
         assert torch.equal(loaded(x), tv(x))
+        assert torch.equal(backbone(x)[-1], tv.layer4(tv.layer3(tv.layer2(tv.layer1(
+            tv.maxpool(tv.relu(tv.bn1(tv.conv1(x)))))))))
 
 
 def test_a_wrong_state_dict_is_refused_with_the_file_named(tmp_path):
