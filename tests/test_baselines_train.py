@@ -212,3 +212,34 @@ def test_fine_tuning_starts_from_a_torchvision_resnet_file_with_a_new_head(tmp_p
     for ours, theirs in (("features.conv1.weight", tv.conv1.weight), ("features.bn1.running_var", tv.bn1.running_var),
                          ("features.layer4.1.conv2.weight", tv.layer4[1].conv2.weight)):
         assert torch.equal(state[ours], theirs.detach()), ours
+
+
+def test_the_static_step_of_a_baseline_reads_nothing_back_and_trains_like_the_eager_one():
+    """--cuda-graph's step (here uncaptured, on the CPU): the same weights as ordinary SGD steps
+    on a Wide ResNet with dropout, and no op that reads a value back to the host."""
+    import copy
+    import torch.nn.functional as F
+    from densenet.steps import GraphedStep
+    from test_steps import _Ops, _batches
+    torch.manual_seed(0)
+    net = create_model(TINY_WRN, num_classes=10, drop_rate=0.2).train()
+    ref = copy.deepcopy(net)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+            for m in (net, ref)]
+    step = GraphedStep(net, opts[0], torch.device("cpu"), 8, warmup=1, capture=False)
+    ops = _Ops()
+    for i, (x, y) in enumerate(_batches([8, 8, 8])):
+        torch.manual_seed(100 + i)  # the same dropout masks for both
+        if i == 2:
+            with ops:
+                step(x, y)
+        else:
+            step(x, y)
+        torch.manual_seed(100 + i)
+        opts[1].zero_grad(set_to_none=True)
+        F.cross_entropy(ref(x), y).backward()
+        opts[1].step()
+    assert step.replays == 2
+    for (name, a), b in zip(net.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    assert ops.names and not [n for n in ops.names if "_local_scalar_dense" in n or "nonzero" in n]
