@@ -243,3 +243,27 @@ def test_the_static_step_of_a_baseline_reads_nothing_back_and_trains_like_the_ea
     for (name, a), b in zip(net.state_dict().items(), ref.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
     assert ops.names and not [n for n in ops.names if "_local_scalar_dense" in n or "nonzero" in n]
+
+
+def test_a_baseline_step_captured_on_the_device_trains_like_ordinary_steps(device):
+    """On a GPU the step is really captured as one CUDA graph (``pytest -m cuda``); on the CPU
+    it runs uncaptured. Either way: the weights of ordinary SGD steps."""
+    import copy
+    import torch.nn.functional as F
+    from densenet.steps import GraphedStep
+    from test_steps import _batches
+    torch.manual_seed(0)
+    net = create_model("resnet8", num_classes=10).to(device).train()
+    ref = copy.deepcopy(net)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+            for m in (net, ref)]
+    step = GraphedStep(net, opts[0], device, 8, warmup=1, capture=device.type == "cuda")
+    for x, y in _batches([8, 8, 8]):
+        x, y = x.to(device), y.to(device)
+        step(x, y)
+        opts[1].zero_grad(set_to_none=True)
+        F.cross_entropy(ref(x), y).backward()
+        opts[1].step()
+    assert step.replays == 2
+    for (name, a), b in zip(net.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=name)
