@@ -574,7 +574,7 @@ def tradeoff_figure(paths: Sequence[str | Path] = (), kind: str = "params", pape
     title = None if column is None else (f"{_FIGURE[column]}: {column}" if column in _FIGURE
                                          else f"Table 2: {column}")
     return {"figure": _FIGURE.get(column) if column else None, "column": column, "kind": kind,
-            "title": title or "runs",
+            "title": title or "your runs",
             "xlabel": "parameters" if kind == "params" else "FLOPs (multiply-adds per image)",
             "ylabel": "error (%)" if column is None else
             f"error (%), {'top-1 single-crop' if column == 'ImageNet' else column}",

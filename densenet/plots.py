@@ -114,6 +114,7 @@ def plot_tradeoff(figure: dict, out_path: str | os.PathLike, figsize: tuple[floa
                         fontsize="x-small", color=color)
     if xs_all and max(xs_all) > 20 * min(xs_all):
         ax.set_xscale("log")
+    ax.margins(x=0.12, y=0.08)  # room for the labels of the outermost points
     ax.set(xlabel=figure["xlabel"], ylabel=figure["ylabel"], title=figure.get("title", ""))
     ax.grid(True, alpha=0.3, which="both")
     if ax.lines:
