@@ -106,10 +106,11 @@ def test_cifar_baseline_counts_round_to_table_2(name):
 
 
 @pytest.mark.parametrize("depth", [18, 34, 50, 101, 152])
-def test_imagenet_resnets_are_torchvisions(depth):
-    tv = getattr(torchvision.models, f"resnet{depth}")(weights=None)
-    ours = meta(f"resnet{depth}")
-    assert count_parameters(ours) == count_parameters(tv)
+@pytest.mark.parametrize("classes", [10, 100, 1000])
+def test_imagenet_resnets_have_torchvisions_parameter_counts(depth, classes):
+    with torch.device("meta"):
+        tv = getattr(torchvision.models, f"resnet{depth}")(weights=None, num_classes=classes)
+    assert count_parameters(meta(f"resnet{depth}", num_classes=classes)) == count_parameters(tv)
     assert model_info(f"resnet{depth}").input_size == 224
 
 
