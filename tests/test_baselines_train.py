@@ -214,56 +214,51 @@ def test_fine_tuning_starts_from_a_torchvision_resnet_file_with_a_new_head(tmp_p
         assert torch.equal(state[ours], theirs.detach()), ours
 
 
-def test_the_static_step_of_a_baseline_reads_nothing_back_and_trains_like_the_eager_one():
-    """--cuda-graph's step (here uncaptured, on the CPU): the same weights as ordinary SGD steps
-    on a Wide ResNet with dropout, and no op that reads a value back to the host."""
+def _graphed_against_sgd(net, device, capture, watch_step=None, seeded=False, rtol=1e-4, atol=1e-6):
+    """Three steps of ``net`` by GraphedStep (one warm-up, two replays) against ordinary SGD
+    steps of a copy: the same weights and statistics. ``watch_step``: a dispatch mode active
+    during the last step; ``seeded``: the same RNG state (dropout masks) for both."""
     import copy
     import torch.nn.functional as F
     from densenet.steps import GraphedStep
-    from test_steps import _Ops, _batches
-    torch.manual_seed(0)
-    net = create_model(TINY_WRN, num_classes=10, drop_rate=0.2).train()
+    from test_steps import _batches
     ref = copy.deepcopy(net)
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
             for m in (net, ref)]
-    step = GraphedStep(net, opts[0], torch.device("cpu"), 8, warmup=1, capture=False)
-    ops = _Ops()
+    step = GraphedStep(net, opts[0], device, 8, warmup=1, capture=capture)
     for i, (x, y) in enumerate(_batches([8, 8, 8])):
-        torch.manual_seed(100 + i)  # the same dropout masks for both
-        if i == 2:
-            with ops:
+        x, y = x.to(device), y.to(device)
+        if seeded:
+            torch.manual_seed(100 + i)
+        if i == 2 and watch_step is not None:
+            with watch_step:
                 step(x, y)
         else:
             step(x, y)
-        torch.manual_seed(100 + i)
+        if seeded:
+            torch.manual_seed(100 + i)
         opts[1].zero_grad(set_to_none=True)
         F.cross_entropy(ref(x), y).backward()
         opts[1].step()
     assert step.replays == 2
     for (name, a), b in zip(net.state_dict().items(), ref.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=name)
+
+
+def test_the_static_step_of_a_baseline_reads_nothing_back_and_trains_like_the_eager_one():
+    """--cuda-graph's step (here uncaptured, on the CPU): the same weights as ordinary SGD steps
+    on a Wide ResNet with dropout, and no op that reads a value back to the host."""
+    from test_steps import _Ops
+    torch.manual_seed(0)
+    ops = _Ops()
+    _graphed_against_sgd(create_model(TINY_WRN, num_classes=10, drop_rate=0.2).train(),
+                         torch.device("cpu"), capture=False, watch_step=ops, seeded=True)
     assert ops.names and not [n for n in ops.names if "_local_scalar_dense" in n or "nonzero" in n]
 
 
 def test_a_baseline_step_captured_on_the_device_trains_like_ordinary_steps(device):
     """On a GPU the step is really captured as one CUDA graph (``pytest -m cuda``); on the CPU
     it runs uncaptured. Either way: the weights of ordinary SGD steps."""
-    import copy
-    import torch.nn.functional as F
-    from densenet.steps import GraphedStep
-    from test_steps import _batches
     torch.manual_seed(0)
-    net = create_model("resnet8", num_classes=10).to(device).train()
-    ref = copy.deepcopy(net)
-    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
-            for m in (net, ref)]
-    step = GraphedStep(net, opts[0], device, 8, warmup=1, capture=device.type == "cuda")
-    for x, y in _batches([8, 8, 8]):
-        x, y = x.to(device), y.to(device)
-        step(x, y)
-        opts[1].zero_grad(set_to_none=True)
-        F.cross_entropy(ref(x), y).backward()
-        opts[1].step()
-    assert step.replays == 2
-    for (name, a), b in zip(net.state_dict().items(), ref.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=name)
+    _graphed_against_sgd(create_model("resnet8", num_classes=10).to(device).train(), device,
+                         capture=device.type == "cuda", rtol=1e-3, atol=1e-5)
