@@ -10,7 +10,9 @@ trilinearly for 1-D, 2-D and 3-D models).
 Four levels:
 
 * :func:`grad_cam`: maps of a normalised batch, for any :class:`~densenet.DenseNet` (signals,
-  images or volumes);
+  images or volumes); :func:`occlusion` the same for occlusion sensitivity (Zeiler & Fergus,
+  ECCV 2014: how far a class's probability falls when a patch of the input is covered), which
+  every file-level function below draws with ``method="occlusion"``;
 * :func:`cam_for_images`: image files preprocessed as ``densenet predict`` does, a class chosen
   by name or the predicted one;
 * :func:`render_panels`: one PNG with the heat maps blended over the images (``densenet cam``);
@@ -35,14 +37,15 @@ import torch.nn.functional as F
 from .errors import UsageError
 from .inference import Loaded, imagenet_class_names, open_image, open_volume
 from .model import DenseNet
+from .occlusion import check_patch, occlusion_maps
 from .resnet import ResNet
 from .preprocess import to_rgb
 from .rundir import atomic_write_bytes
 from .volumes import INSTALL_HELP, VOLUME_EXTENSIONS, is_volume_file, write_nifti
 
-__all__ = ["GradCAM", "ImageCAM", "VolumeCAM", "grad_cam", "cam_for_images", "cam_for_volumes",
-           "render_panels", "render_slices", "slices_through", "class_names", "check_out_path",
-           "check_out_dir", "peak_of", "last_block", "CAPTION_HEIGHT", "PLANES"]
+__all__ = ["GradCAM", "ImageCAM", "VolumeCAM", "grad_cam", "occlusion", "METHODS", "cam_for_images",
+           "cam_for_volumes", "render_panels", "render_slices", "slices_through", "class_names",
+           "check_out_path", "check_out_dir", "peak_of", "last_block", "CAPTION_HEIGHT", "PLANES"]
 
 CAPTION_HEIGHT = 28  # pixels of the caption strip under each panel
 ALPHA = 0.5          # weight of the heat map in the blend
@@ -54,10 +57,12 @@ _INPUTS = {1: "signals (N, C, L)", 2: "images (N, C, H, W)", 3: "volumes (N, C, 
 
 
 class GradCAM(NamedTuple):
-    """What :func:`grad_cam` returns (also unpacks as ``cams, probs, classes``)."""
+    """What :func:`grad_cam` and :func:`occlusion` return (also unpacks as ``cams, probs,
+    classes``)."""
     cams: torch.Tensor     # (N, *spatial) float32 in [0, 1]: (N, H, W) for images, (N, D, H, W)
                            # for volumes, (N, L) for signals; the input's spatial size
-    probs: torch.Tensor    # (N, num_classes) softmax of the logits
+    probs: torch.Tensor    # (N, num_classes) softmax of the logits (occlusion with
+                           # multi_label: their sigmoids)
     classes: torch.Tensor  # (N,) int64: the class each map explains
 
 
@@ -126,6 +131,38 @@ def grad_cam(model: DenseNet, x: torch.Tensor,
     return GradCAM(cams.contiguous(), logits.detach().float().softmax(1), classes)
 
 
+def occlusion(model: torch.nn.Module, x: torch.Tensor,
+              target: int | Sequence[int] | torch.Tensor | None = None, *, patch=None,
+              stride=None, multi_label: bool = False, batch_size: int | None = None) -> GradCAM:
+    """Occlusion-sensitivity maps (Zeiler & Fergus, ECCV 2014) for a normalised batch ``x``,
+    the same shapes as :func:`grad_cam` and the same ``target``: for each input, the fall in
+    the explained class's probability when a patch of the input is covered with the input's
+    mean, averaged over the patch positions covering each voxel, its positive part divided by
+    its maximum (:func:`densenet.occlusion.occlusion_maps`).
+
+    ``patch`` and ``stride`` are in input voxels (pixels), an int or one per axis; by default a
+    quarter of each side for volumes, an eighth for images and signals, and half the patch.
+    ``probs`` are softmax probabilities, or sigmoids with ``multi_label``. It costs one forward
+    pass per patch position and input, ``batch_size`` positions at a time (by default as many
+    as hold about 2M input values, at most 64)."""
+    dims = getattr(model, "spatial_dims", 2)
+    if not isinstance(x, torch.Tensor) or x.dim() != dims + 2:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        model_kind = "" if dims == 2 else f" for this {dims}-D model"
+        raise UsageError(f"occlusion needs a batch of {_INPUTS[dims]}{model_kind}, got {got}.")
+    check_patch(tuple(x.shape[2:]), patch, stride)  # a mistake fails before any forward pass
+    was_training = model.training
+    with torch.no_grad():
+        logits = model.eval()(x)
+    model.train(was_training)
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    classes = _target_classes(target, logits)
+    cams = torch.stack([occlusion_maps(model, xi, [c], patch, stride, multi_label, batch_size)[0][0]
+                        for xi, c in zip(x, classes.tolist())])
+    probs = logits.sigmoid() if multi_label else logits.softmax(1)
+    return GradCAM(cams.contiguous(), probs.float(), classes)
+
+
 def _target_classes(target, logits: torch.Tensor) -> torch.Tensor:
     n, num_classes = logits.shape
     if target is None:
@@ -141,6 +178,34 @@ def _target_classes(target, logits: torch.Tensor) -> torch.Tensor:
         raise UsageError(f"target class {int(bad[0])} is out of range: the model has "
                          f"{num_classes} classes (0 to {num_classes - 1}).")
     return classes
+
+
+METHODS = ("gradcam", "occlusion")  # what cam_for_images / cam_for_volumes draw
+
+
+def _check_method(method: str, patch, stride, spatial: Sequence[int]) -> None:
+    if method not in METHODS:
+        raise UsageError(f"the heat-map method must be one of {', '.join(METHODS)}, "
+                         f"got {method!r}.")
+    if method == "gradcam" and (patch is not None or stride is not None):
+        raise UsageError("the patch and its stride are occlusion's settings; Grad-CAM has none. "
+                         "Add --method occlusion, or leave out --patch and --stride.")
+    if method == "occlusion":
+        check_patch(tuple(spatial), patch, stride)
+
+
+def _batch_maps(method: str, model, x: torch.Tensor, target, patch, stride) -> GradCAM:
+    if method == "occlusion":
+        return occlusion(model, x, target, patch=patch, stride=stride)
+    return grad_cam(model, x, target)
+
+
+def _label_maps(method: str, model, x1: torch.Tensor, labels: list[int], patch,
+                stride) -> torch.Tensor:
+    """A multi-label model's maps of ``labels`` in one input ``x1`` (a batch of one)."""
+    if method == "occlusion":  # one pass over the patch positions serves every label
+        return occlusion_maps(model, x1[0], labels, patch, stride, multi_label=True)[0]
+    return grad_cam(model, x1.expand(len(labels), *x1.shape[1:]), torch.tensor(labels)).cams
 
 
 # ----------------------------------------------------------------------------- image files
@@ -180,8 +245,11 @@ def _class_index(name: str, names: list[str], source: str) -> int:
 
 def cam_for_images(loaded: Loaded, paths: Sequence[str | os.PathLike],
                    class_name: str | None = None, device: torch.device | str = "cpu",
-                   batch_size: int = 16) -> list[ImageCAM]:
-    """Grad-CAM of each image file, preprocessed as ``densenet predict`` does.
+                   batch_size: int = 16, method: str = "gradcam", patch=None,
+                   stride=None) -> list[ImageCAM]:
+    """Grad-CAM of each image file, preprocessed as ``densenet predict`` does
+    (``method="occlusion"``: occlusion sensitivity, :func:`occlusion`, with its ``patch`` and
+    ``stride`` in pixels of the model's input).
 
     ``class_name`` (one of the model's class names) is explained in every image; by default
     each image's predicted class. Every path is read and checked before any work.
@@ -205,15 +273,17 @@ def cam_for_images(loaded: Loaded, paths: Sequence[str | os.PathLike],
     target = None if class_name is None else _class_index(class_name, names, loaded.source)
     transform = pre.eval_transform()
     tensors = [transform(open_image(p, pre)) for p in paths]
+    _check_method(method, patch, stride, tensors[0].shape[1:])
     mean = torch.tensor(pre.mean).view(-1, 1, 1)
     std = torch.tensor(pre.std).view(-1, 1, 1)
     model = loaded.model.to(device)
     if loaded.multi_label:
-        return _multilabel_cams(loaded, model, paths, tensors, names, target, mean, std, device)
+        return _multilabel_cams(loaded, model, paths, tensors, names, target, mean, std, device,
+                                (method, patch, stride))
     out = []
     for i in range(0, len(tensors), batch_size):
         x = torch.stack(tensors[i:i + batch_size])
-        cams, probs, classes = grad_cam(model, x.to(device), target)
+        cams, probs, classes = _batch_maps(method, model, x.to(device), target, patch, stride)
         for j, c in enumerate(classes.tolist()):
             out.append(ImageCAM(str(paths[i + j]), _to_pil(x[j] * std + mean), cams[j].cpu(),
                                 names[c], float(probs[j, c])))
@@ -234,14 +304,16 @@ def _labels_to_explain(loaded, model, t, num_labels: int, target, device):
     return x, probs, labels or [int(probs.argmax())]
 
 
-def _multilabel_cams(loaded, model, paths, tensors, names, target, mean, std, device) -> list[ImageCAM]:
+def _multilabel_cams(loaded, model, paths, tensors, names, target, mean, std, device,
+                     how) -> list[ImageCAM]:
     """A multi-label model: the map of label ``target`` in every image, or without one a map
     per label over its threshold in each image (the most probable label where none is); the
     caption's probability is the label's sigmoid."""
     out = []
     for path, t in zip(paths, tensors):
         x, probs, labels = _labels_to_explain(loaded, model, t, len(names), target, device)
-        cams = grad_cam(model, x.expand(len(labels), -1, -1, -1), torch.tensor(labels)).cams
+        method, patch, stride = how
+        cams = _label_maps(method, model, x, labels, patch, stride)
         image = _to_pil(t * std + mean)
         out += [ImageCAM(str(path), image, cams[k].cpu(), names[c], float(probs[c]))
                 for k, c in enumerate(labels)]
@@ -375,6 +447,7 @@ class VolumeCAM:
     peak: tuple[int, int, int] | None  # (d, h, w) of the map's maximum; None for an all-zero map
     png: Path | None = None   # three orthogonal slices through ``peak`` (render_slices)
     nifti: Path | None = None  # the map as a NIfTI file (.nii.gz)
+    method: str = "gradcam"   # "gradcam" or "occlusion": what made the map
 
     @property
     def caption(self) -> str:
@@ -383,6 +456,7 @@ class VolumeCAM:
     def to_dict(self) -> dict:
         """The result as plain values (JSON-ready)."""
         return {"volume": self.path, "class": self.class_name, "probability": self.probability,
+                "method": self.method,
                 "peak": None if self.peak is None else list(self.peak),
                 "png": None if self.png is None else str(self.png),
                 "nifti": None if self.nifti is None else str(self.nifti)}
@@ -404,10 +478,14 @@ def check_out_dir(path: str | os.PathLike) -> Path:
 def cam_for_volumes(loaded: Loaded, paths: Sequence[str | os.PathLike],
                     out_dir: str | os.PathLike | None, class_name: str | None = None,
                     device: torch.device | str = "cpu", batch_size: int = 4,
-                    size: int = 224) -> list[VolumeCAM]:
+                    size: int = 224, method: str = "gradcam", patch=None,
+                    stride=None) -> list[VolumeCAM]:
     """Grad-CAM of each volume file (``.nii``, ``.nii.gz``, ``.npy``, ``.npz``) for a model
     trained on volumes, each read as ``densenet predict`` reads it
     (:func:`densenet.inference.open_volume`: reoriented, resized and normalised as in training).
+    ``method="occlusion"`` draws occlusion sensitivity instead (:func:`occlusion`; ``patch`` and
+    ``stride`` in voxels of the model's input, by default a quarter of each side and half that),
+    written as ``NAME_CLASS_occlusion.png`` and ``.nii.gz``.
 
     ``class_name`` (one of the model's class names) is explained in every volume; by default
     each volume's predicted class, or for a multi-label model a map per label over its threshold
@@ -447,31 +525,33 @@ def cam_for_volumes(loaded: Loaded, paths: Sequence[str | os.PathLike],
         _require_nibabel(out)
     names = class_names(loaded)
     target = None if class_name is None else _class_index(class_name, names, loaded.source)
+    _check_method(method, patch, stride, pre.shape)
     tensors = [open_volume(p, pre) for p in paths]
     model = loaded.model.to(device)
     results: list[tuple[int, VolumeCAM]] = []  # (input index, map)
     if loaded.multi_label:
         for i, t in enumerate(tensors):
             x, probs, labels = _labels_to_explain(loaded, model, t, len(names), target, device)
-            cams = grad_cam(model, x.expand(len(labels), *x.shape[1:]), torch.tensor(labels)).cams
-            results += [(i, _volume_cam(paths[i], t, cams[k], names[c], float(probs[c])))
+            cams = _label_maps(method, model, x, labels, patch, stride)
+            results += [(i, _volume_cam(paths[i], t, cams[k], names[c], float(probs[c]), method))
                         for k, c in enumerate(labels)]
     else:
         for i in range(0, len(tensors), batch_size):
             x = torch.stack(tensors[i:i + batch_size])
-            cams, probs, classes = grad_cam(model, x.to(device), target)
-            results += [(i + j, _volume_cam(paths[i + j], x[j], cams[j], names[c], float(probs[j, c])))
+            cams, probs, classes = _batch_maps(method, model, x.to(device), target, patch, stride)
+            results += [(i + j, _volume_cam(paths[i + j], x[j], cams[j], names[c],
+                                            float(probs[j, c]), method))
                         for j, c in enumerate(classes.tolist())]
     if out is not None:
         stems = _unique_stems(paths)
         inputs = {p.resolve() for p in paths}
         for i, r in results:
-            base = out / f"{stems[i]}_{_safe(r.class_name)}_cam"
+            base = out / f"{stems[i]}_{_safe(r.class_name)}_{_SUFFIX[method]}"
             r.png, r.nifti = base.with_name(base.name + ".png"), base.with_name(base.name + ".nii.gz")
             if r.nifti.resolve() in inputs:
                 raise UsageError(f"writing the heat map of {r.path} would replace the input "
                                  f"{r.nifti}; choose another --out folder.")
-            title = (f"{r.class_name} p={r.probability:.2f}, " + (
+            title = (f"{r.class_name} p={r.probability:.2f}, {_TITLE[method]}" + (
                 "no positive evidence" if r.peak is None else
                 f"peak (d, h, w) = ({r.peak[0]}, {r.peak[1]}, {r.peak[2]})"))
             render_slices(r.volume, r.cam, r.peak, r.png, title=title, size=size)
@@ -480,10 +560,15 @@ def cam_for_volumes(loaded: Loaded, paths: Sequence[str | os.PathLike],
     return [r for _, r in results]
 
 
+_SUFFIX = {"gradcam": "cam", "occlusion": "occlusion"}  # NAME_CLASS_{suffix}.png / .nii.gz
+_TITLE = {"gradcam": "", "occlusion": "occlusion "}
+
+
 def _volume_cam(path: Path, volume: torch.Tensor, cam: torch.Tensor, name: str,
-                probability: float) -> VolumeCAM:
+                probability: float, method: str) -> VolumeCAM:
     cam = cam.detach().float().cpu().contiguous()
-    return VolumeCAM(str(path), volume.detach().cpu(), cam, name, probability, peak_of(cam))
+    return VolumeCAM(str(path), volume.detach().cpu(), cam, name, probability, peak_of(cam),
+                     method=method)
 
 
 def peak_of(cam: torch.Tensor) -> tuple[int, int, int] | None:

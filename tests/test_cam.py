@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from densenet import create_model
-from densenet.cam import CAPTION_HEIGHT, cam_for_images, grad_cam, render_panels
+from densenet.cam import CAPTION_HEIGHT, cam_for_images, grad_cam, occlusion, render_panels
 from densenet.cli import main
 from densenet.errors import UsageError
 from densenet.inference import image_transform, load_for_inference
@@ -93,6 +93,17 @@ def test_a_class_without_positive_evidence_has_an_all_zero_map():
     result = grad_cam(red_detector(), x, target=0)  # "dark": red counts against it
     assert result.classes.tolist() == [0]
     assert torch.all(result.cams == 0)
+
+
+def test_occlusion_is_positive_exactly_on_the_square():
+    """4-pixel patches tile the image and the square's edges: covering part of the square with
+    the image's mean (its red channel is negative) removes that redness; covering the black
+    background changes nothing."""
+    x = image_transform(SMALL)(red_square_image())[None]
+    result = occlusion(red_detector(), x, patch=4, stride=4)
+    assert result.classes.tolist() == [1] and result.cams.shape == (1, 32, 32)
+    assert torch.equal(result.cams[0] > 0, inside_square()) and result.cams.max() == 1.0
+    assert torch.all(occlusion(red_detector(), x, target=0).cams == 0)  # "dark"
 
 
 def measured_model():
@@ -226,6 +237,24 @@ def test_cam_command_explains_the_class_asked_for(checkpoint, images, tmp_path, 
     assert name == "dark" and float(p) == pytest.approx(expected, abs=1e-4) and float(p) < 0.05
     with Image.open(out) as img:
         assert img.size == (96, 96 + CAPTION_HEIGHT)
+
+
+def test_cam_command_draws_occlusion(checkpoint, images, tmp_path, capsys):
+    out = tmp_path / "occlusion.png"
+    assert main(["cam", str(checkpoint), str(images[0]), "--method", "occlusion", "--patch", "4",
+                 "--stride", "4", "--size", "64", "--out", str(out)]) == 0
+    _, name, p = capsys.readouterr().out.splitlines()[0].split()
+    assert name == "red" and float(p) > 0.95
+    with Image.open(out) as img:
+        assert img.size == (64, 64 + CAPTION_HEIGHT)
+    [r] = cam_for_images(load_for_inference(checkpoint), images[:1], method="occlusion", patch=4,
+                         stride=4)
+    assert torch.equal(r.cam > 0, inside_square())
+    assert main(["cam", str(checkpoint), str(images[0]), "--stride", "2", "--out", str(out)]) == 2
+    assert "add --method occlusion" in capsys.readouterr().err
+    assert main(["cam", str(checkpoint), str(images[0]), "--method", "occlusion", "--patch", "33",
+                 "--out", str(out)]) == 2
+    assert "larger than the model input (32, 32)" in capsys.readouterr().err
 
 
 def test_cam_command_mistakes_exit_2_with_a_message(checkpoint, images, tmp_path, capsys):

@@ -10,7 +10,7 @@ from PIL import Image
 
 from densenet import create_model
 from densenet.cam import (CAPTION_HEIGHT, VolumeCAM, cam_for_images, cam_for_volumes, grad_cam,
-                          last_block, render_slices, slices_through)
+                          last_block, occlusion, render_slices, slices_through)
 from densenet.cli import main
 from densenet.errors import UsageError
 from densenet.inference import Loaded, open_volume
@@ -153,6 +153,18 @@ def test_the_map_of_a_volume_is_on_the_blob_that_decides_the_class(implementatio
     assert torch.all(grad_cam(model, x, target=0).cams == 0)  # "dark": no positive evidence
 
 
+def test_occlusion_is_positive_exactly_on_the_blob_that_decides_the_class():
+    """Patches of 2 voxels tile the volume and the blob's edges: covering a blob patch with
+    the volume's mean (0 after the z-score) takes its voxels out of the "bright" mean; covering
+    background changes nothing (the ReLU zeroes it either way)."""
+    x = torch.from_numpy(blob_volume())
+    x = ((x - x.mean()) / x.std(correction=0))[None, None]
+    result = occlusion(bright_detector(), x, patch=2, stride=2)
+    assert result.classes.tolist() == [1] and result.probs[0, 1] > 0.95
+    assert torch.equal(result.cams[0] > 0, inside()) and result.cams.max() == 1.0
+    assert torch.all(occlusion(bright_detector(), x, target=0, patch=2).cams == 0)  # "dark"
+
+
 def test_an_input_of_the_wrong_dimension_is_a_usage_error():
     with pytest.raises(UsageError, match=r"volumes \(N, C, D, H, W\) for this 3-D model"):
         grad_cam(bright_detector(), torch.zeros(1, 1, 12, 16))
@@ -184,7 +196,8 @@ def test_volume_files_give_a_png_and_a_nifti_heat_map_of_the_input_shape(volumes
         np.testing.assert_array_equal(np.asarray(back.dataobj, np.float32), r.cam.numpy())
         np.testing.assert_array_equal(read_volume(r.nifti)[0], r.cam.numpy())
         assert r.to_dict() == {"volume": r.path, "class": "bright", "probability": r.probability,
-                               "peak": list(r.peak), "png": str(r.png), "nifti": str(r.nifti)}
+                               "method": "gradcam", "peak": list(r.peak), "png": str(r.png),
+                               "nifti": str(r.nifti)}
     torch.testing.assert_close(results[0].cam, results[1].cam)
     torch.testing.assert_close(results[0].volume, open_volume(volumes / "blob.npy",
                                                               loaded_model().pre))
@@ -249,6 +262,26 @@ def test_multi_label_gives_a_map_per_positive_label(volumes, tmp_path):
     assert only.class_name == "bright" and only.png is None and only.nifti is None
 
 
+def test_occlusion_files_and_multi_label_maps_from_one_pass(volumes, tmp_path):
+    [r] = cam_for_volumes(loaded_model(), [volumes / "blob.npy"], tmp_path, size=64,
+                          method="occlusion", patch=2, stride=2)
+    assert r.method == "occlusion" and r.to_dict()["method"] == "occlusion"
+    assert inside()[r.peak] and torch.equal(r.cam > 0, inside())
+    assert (r.png.name, r.nifti.name) == ("blob_bright_occlusion.png", "blob_bright_occlusion.nii.gz")
+    np.testing.assert_array_equal(read_volume(r.nifti)[0], r.cam.numpy())
+    loaded = loaded_model(task="multi-label", thresholds=[0.0, 0.5])  # both labels positive
+    dark, bright = cam_for_volumes(loaded, [volumes / "blob.npy"], None, method="occlusion",
+                                   patch=2, stride=2)
+    assert dark.peak is None and torch.all(dark.cam == 0)  # covering the blob raises "dark"
+    assert torch.equal(bright.cam, r.cam) and bright.probability > 0.95
+    with pytest.raises(UsageError, match="Grad-CAM has none. Add --method occlusion"):
+        cam_for_volumes(loaded, [volumes / "blob.npy"], None, patch=2)
+    with pytest.raises(UsageError, match=r"larger than the model input \(12, 16, 8\)"):
+        cam_for_volumes(loaded, [volumes / "blob.npy"], None, method="occlusion", patch=9)
+    with pytest.raises(UsageError, match="one of gradcam, occlusion, got 'saliency'"):
+        cam_for_volumes(loaded, [volumes / "blob.npy"], None, method="saliency")
+
+
 def test_the_nifti_heat_map_lies_over_the_original_scan(tmp_path):
     """A scan stored in another orientation (axes permuted, one flipped, 2 mm voxels) and at
     another size than the model's: the heat map's affine maps its voxels to the same place in
@@ -311,6 +344,23 @@ def test_cam_command_routes_volumes_to_the_volume_maps(checkpoint, volumes, tmp_
     with Image.open(png) as img:
         assert img.size == (3 * 64, 64 + 2 * CAPTION_HEIGHT)
     assert nib.load(nifti).shape == SHAPE
+
+
+def test_cam_command_draws_occlusion_with_its_patch(checkpoint, volumes, tmp_path, capsys):
+    out = tmp_path / "cams"
+    assert main(["cam", str(checkpoint), str(volumes / "blob.nii.gz"), "--out", str(out),
+                 "--size", "64", "--method", "occlusion", "--patch", "2", "--stride", "2"]) == 0
+    path, name, _, _, peak, png, nifti = capsys.readouterr().out.splitlines()[0].split()
+    assert name == "bright" and inside()[tuple(int(v) for v in peak.split(","))]
+    assert (png, nifti) == (str(out / "blob_bright_occlusion.png"),
+                            str(out / "blob_bright_occlusion.nii.gz"))
+    assert torch.equal(torch.from_numpy(read_volume(nifti)[0]) > 0, inside())
+    assert main(["cam", str(checkpoint), str(volumes / "blob.nii.gz"), "--out", str(out),
+                 "--patch", "2"]) == 2
+    assert "add --method occlusion" in capsys.readouterr().err
+    assert main(["cam", str(checkpoint), str(volumes / "blob.nii.gz"), "--out", str(out),
+                 "--method", "occlusion", "--patch", "13"]) == 2
+    assert "give at most 8 (--patch)" in capsys.readouterr().err
 
 
 def test_cam_command_mistakes_with_volumes_exit_2_with_a_message(checkpoint, volumes, tmp_path,

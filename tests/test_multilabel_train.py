@@ -112,17 +112,19 @@ def test_predict_marks_the_labels_over_their_thresholds(trained, tmp_path, capsy
     assert "* square" in capsys.readouterr().out
 
 
-def test_cam_of_a_label_is_hottest_on_its_shape(trained, tmp_path):
+@pytest.mark.parametrize("method", ["gradcam", "occlusion"])
+def test_cam_of_a_label_is_hottest_on_its_shape(trained, tmp_path, method):
     root, _ = trained
     rng = np.random.default_rng(7)
     Image.fromarray(draw(rng, square=(2, 2), disc=(25, 25))).save(tmp_path / "both.png")
     loaded = load_for_inference(str(root / "run"))
     for label, quarter in (("square", (slice(0, 16), slice(0, 16))),
                            ("disc", (slice(16, 32), slice(16, 32)))):
-        (cam,) = cam_for_images(loaded, [tmp_path / "both.png"], label)
+        (cam,) = cam_for_images(loaded, [tmp_path / "both.png"], label, method=method)
         assert cam.class_name == label
         assert cam.cam[quarter].max() == cam.cam.max(), (label, cam.cam)
-    panels = cam_for_images(loaded, [tmp_path / "both.png"])  # one panel per positive label
+    # one panel per positive label (occlusion: one pass over the patches for both)
+    panels = cam_for_images(loaded, [tmp_path / "both.png"], method=method)
     assert sorted(p.class_name for p in panels) == ["disc", "square"]
 
 

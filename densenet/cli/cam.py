@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..cam import (CAPTION_HEIGHT, cam_for_images, cam_for_volumes, check_out_dir, check_out_path,
-                   render_panels)
+from ..cam import (CAPTION_HEIGHT, METHODS, cam_for_images, cam_for_volumes, check_out_dir,
+                   check_out_path, render_panels)
 from ..devices import resolve_device
 from ..errors import UsageError
 from ..inference import load_for_inference
@@ -13,6 +13,9 @@ from .types import DEVICES, add_image_source, images_and_source, positive_int
 
 def _cmd_cam(args) -> int:
     images_and_source(args, "explain")
+    if args.method == "gradcam" and (args.patch is not None or args.stride is not None):
+        raise UsageError("--patch and --stride set the occlusion patch; add --method occlusion "
+                         "(Grad-CAM has no patch).")
     volumes = [p for p in args.images if is_volume_file(p)]
     if volumes and len(volumes) != len(args.images):
         image = next(p for p in args.images if not is_volume_file(p))
@@ -30,7 +33,7 @@ def _cmd_cam(args) -> int:
         return _volume_cams(args, loaded)
     out = check_out_path(args.out)  # before any work
     results = cam_for_images(loaded, args.images, args.class_name,
-                             device=resolve_device(args.device))
+                             device=resolve_device(args.device), **_method(args))
     render_panels([r.image for r in results], [r.cam for r in results],
                   [r.caption for r in results], out, args.size)
     for r in results:
@@ -42,7 +45,7 @@ def _cmd_cam(args) -> int:
 def _volume_cams(args, loaded) -> int:
     out = check_out_dir(args.out)
     results = cam_for_volumes(loaded, args.images, out, args.class_name,
-                              device=resolve_device(args.device), size=args.size)
+                              device=resolve_device(args.device), size=args.size, **_method(args))
     for r in results:
         peak = "none" if r.peak is None else ",".join(map(str, r.peak))
         print(f"{r.path}  {r.class_name}  {r.probability:.4f}  peak {peak}  {r.png}  {r.nifti}")
@@ -51,8 +54,13 @@ def _volume_cams(args, loaded) -> int:
     return 0
 
 
+def _method(args) -> dict:
+    return {"method": args.method, "patch": args.patch, "stride": args.stride}
+
+
 def register(sub) -> None:
-    p = sub.add_parser("cam", help="Grad-CAM heat maps: where the model looks in image or volume files",
+    p = sub.add_parser("cam", help="Grad-CAM or occlusion heat maps: where the model looks in "
+                       "image or volume files",
                        description="Grad-CAM (Selvaraju et al., ICCV 2017) of the last dense "
                        "block for each image, preprocessed as 'densenet predict' does: one PNG "
                        "with a panel per image (the heat map blended over the resized/cropped "
@@ -60,7 +68,11 @@ def register(sub) -> None:
                        "trained on volumes (.nii, .nii.gz, .npy, .npz), --out is a folder that "
                        "gets, per volume and class, NAME_CLASS_cam.png (three orthogonal slices "
                        "through the map's maximum) and NAME_CLASS_cam.nii.gz (the map, the model "
-                       "input's shape, to open over the scan in a viewer).")
+                       "input's shape, to open over the scan in a viewer). --method occlusion "
+                       "draws occlusion sensitivity instead (Zeiler & Fergus, ECCV 2014): the fall "
+                       "in the class's probability when a patch of the input is covered with its "
+                       "mean, one forward pass per patch position (volumes: "
+                       "NAME_CLASS_occlusion.*).")
     add_image_source(p)
     p.add_argument("--out", required=True, metavar="FILE.png|FOLDER",
                    help="images: the PNG to write, (number of images x SIZE) x (SIZE + "
@@ -71,5 +83,14 @@ def register(sub) -> None:
                         "multi-label: each label over its threshold)")
     p.add_argument("--size", type=positive_int, default=224,
                    help="panel width and height in pixels (64 to 2048; default 224)")
+    p.add_argument("--method", default="gradcam", choices=METHODS,
+                   help="gradcam: Grad-CAM of the last block (default, one backward pass); "
+                        "occlusion: cover one patch at a time and map the fall in the class's "
+                        "probability (one forward pass per patch position)")
+    p.add_argument("--patch", type=positive_int, metavar="N",
+                   help="occlusion: the patch side in voxels (pixels) of the model's input "
+                        "(default: a quarter of each side for volumes, an eighth for images)")
+    p.add_argument("--stride", type=positive_int, metavar="N",
+                   help="occlusion: the step between patch positions (default: half the patch)")
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.set_defaults(func=_cmd_cam)
