@@ -37,8 +37,8 @@ def default_patch(spatial: Sequence[int]) -> tuple[int, ...]:
 
 def check_patch(spatial: Sequence[int], patch, stride) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """``patch`` and ``stride`` (None, an int for every axis, or one per axis) as per-axis
-    tuples, checked against the input's spatial size; None gives :func:`default_patch` and half
-    the patch."""
+    tuples, checked against the input's spatial size (and the stride against the patch, so
+    every voxel is covered); None gives :func:`default_patch` and half the patch."""
     dims = len(spatial)
 
     def per_axis(value, name):
@@ -56,6 +56,10 @@ def check_patch(spatial: Sequence[int], patch, stride) -> tuple[tuple[int, ...],
         raise UsageError(f"the occlusion patch {patch} is larger than the model input "
                          f"{tuple(spatial)}; give at most {min(spatial)} (--patch).")
     stride = tuple(max(1, p // 2) for p in patch) if stride is None else per_axis(stride, "stride")
+    if any(st > p for st, p in zip(stride, patch)):
+        raise UsageError(f"the occlusion stride {stride} is longer than the patch {patch}: the "
+                         f"voxels between patches would never be covered; give a stride of at "
+                         f"most the patch (--stride).")
     return patch, stride
 
 

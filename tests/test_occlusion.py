@@ -107,6 +107,7 @@ def test_the_patches_cover_every_voxel_and_the_last_ends_at_the_border():
     (2.5, None, "got 2.5"),
     (True, None, "got True"),
     (2, 0, "stride must be a whole number"),
+    (2, (2, 3, 2), r"stride \(2, 3, 2\) is longer than the patch \(2, 2, 2\)"),
 ])
 def test_a_bad_patch_or_stride_is_a_usage_error_before_any_work(patch, stride, message):
     model = measured_model(3)

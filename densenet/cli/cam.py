@@ -91,6 +91,7 @@ def register(sub) -> None:
                    help="occlusion: the patch side in voxels (pixels) of the model's input "
                         "(default: a quarter of each side for volumes, an eighth for images)")
     p.add_argument("--stride", type=positive_int, metavar="N",
-                   help="occlusion: the step between patch positions (default: half the patch)")
+                   help="occlusion: the step between patch positions, at most the patch (default: half "
+                        "the patch)")
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.set_defaults(func=_cmd_cam)
