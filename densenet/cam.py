@@ -74,6 +74,16 @@ def last_block(model: DenseNet | ResNet) -> torch.nn.Module:
     return getattr(model.features, f"denseblock{len(model.block_config)}")
 
 
+def _check_batch(model, x, name: str) -> int:
+    """The model's spatial dimensions, once ``x`` is a batch of its inputs."""
+    dims = getattr(model, "spatial_dims", 2)
+    if not isinstance(x, torch.Tensor) or x.dim() != dims + 2:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        model_kind = "" if dims == 2 else f" for this {dims}-D model"
+        raise UsageError(f"{name} needs a batch of {_INPUTS[dims]}{model_kind}, got {got}.")
+    return dims
+
+
 def grad_cam(model: DenseNet, x: torch.Tensor,
              target: int | Sequence[int] | torch.Tensor | None = None) -> GradCAM:
     """Grad-CAM maps of the last dense block for a normalised batch ``x``: (N, C, H, W) images
@@ -94,11 +104,7 @@ def grad_cam(model: DenseNet, x: torch.Tensor,
     computed (``torch.autograd.grad``, with the detached output as the leaf): nothing before the
     block is differentiated and no parameter's ``.grad`` is touched.
     """
-    dims = getattr(model, "spatial_dims", 2)
-    if not isinstance(x, torch.Tensor) or x.dim() != dims + 2:
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        model_kind = "" if dims == 2 else f" for this {dims}-D model"
-        raise UsageError(f"grad_cam needs a batch of {_INPUTS[dims]}{model_kind}, got {got}.")
+    dims = _check_batch(model, x, "grad_cam")
     kept: list[torch.Tensor] = []
 
     def keep(module, inputs, output):
@@ -145,11 +151,7 @@ def occlusion(model: torch.nn.Module, x: torch.Tensor,
     ``probs`` are softmax probabilities, or sigmoids with ``multi_label``. It costs one forward
     pass per patch position and input, ``batch_size`` positions at a time (by default as many
     as hold about 2M input values, at most 64)."""
-    dims = getattr(model, "spatial_dims", 2)
-    if not isinstance(x, torch.Tensor) or x.dim() != dims + 2:
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        model_kind = "" if dims == 2 else f" for this {dims}-D model"
-        raise UsageError(f"occlusion needs a batch of {_INPUTS[dims]}{model_kind}, got {got}.")
+    _check_batch(model, x, "occlusion")
     check_patch(tuple(x.shape[2:]), patch, stride)  # a mistake fails before any forward pass
     was_training = model.training
     with torch.no_grad():
