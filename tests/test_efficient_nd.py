@@ -98,6 +98,40 @@ def test_efficient_matches_reference_in_float32(dims, case, path):
     _assert_same(want, got, 1e-5)
 
 
+@pytest.mark.parametrize("sides", [(8, 12, 4), (6, 10, 9)], ids=["windows-tile-the-volume", "odd-sides"])
+def test_volume_transitions_match_reference_whether_or_not_the_pooling_windows_tile(sides, path):
+    # 8x12x4 pools to 4x6x2 and 2x3x1 in 2x2x2 windows that cover every voxel (the
+    # transitions pool on the rows themselves); 6x10x9 pools to 3x5x4 and 1x2x2, dropping
+    # the last plane where a side is odd (PyTorch's pooling)
+    model = _cifar(3, depth=16).double()
+    x = torch.randn(2, 2, *sides, dtype=torch.float64)
+    got, calls = _step(model, x, "efficient", count=True)
+    want, _ = _step(model, x, "reference")
+    _assert_same(want, got, 1e-10)
+    assert calls.get("bn_relu_pool_conv") == 2 and calls.get("bn_relu_pool_conv_backward") == 2, calls
+
+
+@pytest.mark.parametrize("kernel", [(2, 2, 2), (1, 2, 3)])
+def test_tiled_window_mean_and_its_gradient_equal_avg_pool3d(kernel):
+    from densenet.ops.bn import _tile_mean, _tile_mean_grad, _tiles
+    sp = (4, 6, 6)
+    assert _tiles(sp, kernel, kernel, [0, 0, 0])
+    assert not _tiles((5, 6, 6), [2, 2, 2], [2, 2, 2], [0, 0, 0])  # an odd side
+    assert not _tiles(sp, [2, 2, 2], [1, 1, 1], [0, 0, 0])  # overlapping windows
+    assert not _tiles(sp, [2, 2, 2], [2, 2, 2], [1, 1, 1])  # padding
+    z = torch.randn(2 * 4 * 6 * 6, 5, dtype=torch.float64)
+    zimg = rows.nchw(z, 2, *sp)
+    got = _tile_mean(z, 2, sp, kernel)
+    want = F.avg_pool3d(zimg, kernel, kernel)
+    assert rows.is_channels_last(got) and torch.allclose(got, want, rtol=0, atol=1e-14)
+    dp = torch.randn_like(want)
+    out = torch.empty_like(z)
+    _tile_mean_grad(rows.to_layout(dp, True), kernel, out)
+    ref = torch.ops.aten.avg_pool3d_backward(dp, zimg.contiguous(), list(kernel), list(kernel), [0, 0, 0],
+                                             False, True, None)
+    assert torch.allclose(rows.nchw(out, 2, *sp), ref, rtol=0, atol=1e-14)
+
+
 @pytest.mark.parametrize("dims", [1, 3], ids=["1d", "3d"])
 def test_imagenet_stem_matches_reference_and_runs_the_fused_stem(dims, path):
     model = _imagenet_stem(dims).double()
@@ -110,17 +144,37 @@ def test_imagenet_stem_matches_reference_and_runs_the_fused_stem(dims, path):
     assert calls.get(fused, 0) >= 1 and calls.get(fused + "_backward", 0) >= 1, calls
 
 
-def test_a_volume_block_recomputes_its_bottleneck_outputs_instead_of_keeping_them():
+def test_a_volume_block_keeps_its_bottleneck_outputs_only_while_they_are_small(monkeypatch):
     from densenet.ops import block
     x = torch.randn(2, 8, 4, 4, 4)
     layer = [torch.ones(8), torch.zeros(8), torch.randn(16, 8, 1, 1, 1),
              torch.ones(16), torch.zeros(16), torch.randn(4, 16, 3, 3, 3)]
     spec = block.BlockSpec(4, True, 1e-5, True, 0.0)
+    size = 2 * 4 * 4 * 4 * 16 * 4  # one layer's 16 maps of 2 volumes of 4^3, float32
+    monkeypatch.setattr(block, "KEEP_BOTTLENECK_BYTES", size - 1)
     saved = block.forward(x, layer, [], [], spec, save=True)
-    assert saved.y1.numel() == 0  # nothing of 4k maps per layer is kept for a volume
+    assert saved.y1.numel() == 0  # past the limit nothing of 4k maps per layer is kept
+    monkeypatch.setattr(block, "KEEP_BOTTLENECK_BYTES", size)
+    assert block.forward(x, layer, [], [], spec, save=True).y1.shape == (1, 2 * 4 ** 3, 16)
+    monkeypatch.setattr(block, "KEEP_BOTTLENECK_BYTES", 0)
     image = block.forward(x[:, :, 0], [*layer[:2], layer[2][..., 0], *layer[3:5], layer[5][:, :, 0]],
                           [], [], spec, save=True)
-    assert image.y1.shape == (1, 2 * 4 * 4, 16)  # images keep them (speed over memory)
+    assert image.y1.shape == (1, 2 * 4 * 4, 16)  # images keep them whatever their size
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_large_volume_paths_match_reference_in_float64(case, monkeypatch, path):
+    # the small test volumes take the small-volume paths (bottleneck outputs kept, contiguous
+    # convolution backward); with both limits at 0 they take the large-volume ones
+    from densenet.ops import block
+    monkeypatch.setattr(block, "KEEP_BOTTLENECK_BYTES", 0)
+    monkeypatch.setattr(block, "CONTIGUOUS_CONV_POSITIONS", 0)
+    model = _cifar(3, **CASES[case]).double()
+    x = torch.randn(3, 2, *[SIZES[3]] * 3, dtype=torch.float64)
+    got, calls = _step(model, x, "efficient", count=True)
+    want, _ = _step(model, x, "reference")
+    _assert_same(want, got, 1e-10)
+    assert calls.get("dense_block_backward") == 3, calls
 
 
 @pytest.mark.parametrize("dims", [1, 3], ids=["1d", "3d"])

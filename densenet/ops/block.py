@@ -9,8 +9,8 @@ op and its backward op (:mod:`densenet.ops.library`).
 * BN batch statistics of a channel are the same for every later layer that reads it (only the
   affine parameters differ per consumer), so per-channel mean/var are computed once, when the
   maps are written, and shared.
-* Backward saves only ``B``, the bottleneck outputs (4k maps per layer; volumes recompute them
-  instead, see :func:`keeps_bottleneck`) and dropout masks - linear in depth. The concatenated BN-ReLU input of each layer (the expensive, quadratic part)
+* Backward saves only ``B``, the bottleneck outputs (4k maps per layer; large volumes recompute
+  them instead, see :func:`keeps_bottleneck`) and dropout masks - linear in depth. The concatenated BN-ReLU input of each layer (the expensive, quadratic part)
   is recomputed into a scratch buffer reused by all layers.
 * The input-gradient of a BN layer in training mode has two per-channel "mean" corrections.
   Every consumer of a channel uses the same batch mean and inverse std, so the corrections of
@@ -100,12 +100,31 @@ def _scaled_mask(mask: torch.Tensor, drop_rate: float, dtype) -> torch.Tensor:
     return mask.to(dtype).div_(1 - drop_rate)
 
 
-def keeps_bottleneck(x_dim: int, bottleneck: bool, save: bool) -> bool:
-    """Whether forward keeps every layer's bottleneck output for backward. Volumes (5-D
-    inputs) do not: there memory is the wall, and backward recomputes each layer's from the
-    buffer (one more 1x1 product per layer, a few percent of the step) instead of keeping 4k
-    maps per layer, three times the buffer's size in DenseNet-121's first block."""
-    return bottleneck and save and x_dim < 5
+KEEP_BOTTLENECK_BYTES = 32 << 20
+"""A volume block keeps its bottleneck outputs for backward when they take at most this much."""
+
+CONTIGUOUS_CONV_POSITIONS = 512
+"""A volume block's 3x3x3 convolutions run their backward on contiguous maps when each volume
+has at most this many positions (8^3)."""
+
+
+def keeps_bottleneck(shape, num: int, inner: int, element_size: int, bottleneck: bool,
+                     save: bool) -> bool:
+    """Whether forward keeps every layer's bottleneck output (``num`` layers of ``inner`` maps
+    of ``shape``, the block's input shape) for backward. Images and signals do. Volumes do
+    while those outputs take at most ``KEEP_BOTTLENECK_BYTES``: beyond that memory is the wall,
+    and backward recomputes each layer's output from the buffer (one more 1x1 product per
+    layer) instead of keeping 4k maps per layer, three times the buffer's size in
+    DenseNet-121's first block (2 volumes of 96^3: 85 MB more at the step's peak). Below it,
+    keeping them saves that product (DenseNet-121 3-D, batch 2, 64^3: about 25 ms a step)."""
+    if not (bottleneck and save):
+        return False
+    if len(shape) < 5:
+        return True
+    m = shape[0]
+    for s in shape[2:]:
+        m *= s
+    return num * m * inner * element_size <= KEEP_BOTTLENECK_BYTES
 
 
 def forward(x, params, running, masks, spec: BlockSpec, save: bool) -> Saved:
@@ -133,7 +152,7 @@ def forward(x, params, running, masks, spec: BlockSpec, save: bool) -> Saved:
     if bottleneck:
         if batch_stats:
             stats2 = x.new_empty((num, 2, inner), dtype=sd)
-        keep = keeps_bottleneck(x.dim(), bottleneck, save)
+        keep = keeps_bottleneck(x.shape, num, inner, x.element_size(), bottleneck, save)
         y1_store = buffers.huge_empty((num if keep else 1, m, inner), x, pooled)
         z2 = buffers.huge_empty((m, inner), x, pooled)
     chunk = rows.chunk_rows(x, m) if bottleneck else m
@@ -228,6 +247,9 @@ def backward(grad, saved: Saved, params, running, masks, spec: BlockSpec,
         if saved.y1.numel() == 0:  # not kept: recomputed layer by layer into one buffer
             y1_again = buffers.huge_empty((m, inner), X, pooled)
     masks_per = spec.masks_per_layer(masks)
+    # oneDNN's backward of a 3x3x3 convolution on small channels-last volumes is slower than
+    # on contiguous ones by more than the two layout copies (DenseNet-121 3-D at 2^3-8^3)
+    contiguous_conv = nd == 3 and m // n <= CONTIGUOUS_CONV_POSITIONS
     grads = []
     for i in reversed(range(num)):
         p = params[i * per:(i + 1) * per]
@@ -250,8 +272,11 @@ def backward(grad, saved: Saved, params, running, masks, spec: BlockSpec,
             shift2 = p[4] - mean2 * scale2
             bn_relu(y1, scale2, shift2, z2)
             pad = w2.shape[-1] // 2
+            z2map = rows.nchw(z2, n, *sp)
+            if contiguous_conv:
+                d_new, z2map = d_new.contiguous(), z2map.contiguous()
             dz2, dw2, _ = torch.ops.aten.convolution_backward(
-                d_new, rows.nchw(z2, n, *sp), w2, None, [1] * nd, [pad] * nd,
+                d_new, z2map, w2, None, [1] * nd, [pad] * nd,
                 [1] * nd, False, [0] * nd, 1, [True, True, False])
             dy1 = rows.rows(dz2)  # a view when dz2 is channels-last, else a copy
             sum_g, sum_xg = bn_relu_grad(y1, dy1, scale2, shift2, mean2, tmp=z2).to(sd)

@@ -246,6 +246,44 @@ def _image_chunks(n: int, s: int, t: torch.Tensor):
     return [(i, min(i + per, n)) for i in range(0, n, per)]
 
 
+def _tiles(sp, kernel, stride, padding) -> bool:
+    """Whether a volume's average pooling is non-overlapping windows that tile it exactly
+    (kernel = stride, no padding, every size a multiple of the kernel): DenseNet's 2x2x2,
+    stride-2 transitions. Those :func:`_tile_mean` and :func:`_tile_mean_grad` compute on the
+    channels-last rows themselves: PyTorch's CPU avg_pool3d and its backward turn a
+    channels-last volume into a contiguous one and back (two copies of the map each way;
+    DenseNet-121 at 64^3: 2.3 ms against 0.1 ms for the first transition's pooling)."""
+    return (len(sp) == 3 and list(kernel) == list(stride) and not any(padding)
+            and all(s % k == 0 for s, k in zip(sp, kernel)))
+
+
+def _tile_mean(z, n, sp, kernel):
+    """The (n, C, *pooled) channels-last mean of each window of the rows ``z`` (n*S, C), one
+    spatial axis at a time, as sums of strided views."""
+    c = z.shape[1]
+    v = z.view(n, *sp, c)
+    for axis, k in enumerate(kernel, start=1):
+        w = v.unflatten(axis, (v.shape[axis] // k, k))
+        acc = w.select(axis + 1, 0)
+        for j in range(1, k):
+            acc = acc + w.select(axis + 1, j)
+        v = acc
+    v = v.mul_(1.0 / (kernel[0] * kernel[1] * kernel[2])) if v.data_ptr() != z.data_ptr() else v.clone()
+    return v.permute(0, 4, 1, 2, 3)
+
+
+def _tile_mean_grad(dp, kernel, out_rows):
+    """The gradient at the rows of :func:`_tile_mean`'s input from ``dp`` at its output: each
+    window's gradient divided by its size, spread over the window, written into ``out_rows``."""
+    n, c, *pooled = dp.shape
+    scale = 1.0 / (kernel[0] * kernel[1] * kernel[2])
+    d = dp.permute(0, 2, 3, 4, 1)
+    src = (d * scale).reshape(n, pooled[0], 1, pooled[1], 1, pooled[2], 1, c)
+    target = out_rows.view(n, pooled[0], kernel[0], pooled[1], kernel[1], pooled[2], kernel[2], c)
+    target.copy_(src.expand_as(target))
+    return out_rows
+
+
 def bn_relu_pool_conv_forward(x, gamma, beta, running, eps, batch_stats, weight, kernel, stride,
                               padding, ceil_mode, count_include_pad):
     """BN-ReLU and the pooling run a chunk of whole images at a time (recomputed in backward).
@@ -257,13 +295,17 @@ def bn_relu_pool_conv_forward(x, gamma, beta, running, eps, batch_stats, weight,
     _, _, scale, shift = terms(gamma, beta, stats, running, eps, batch_stats)
     chunks = _image_chunks(n, s, X)
     scratch = X.new_empty((chunks[0][1] - chunks[0][0]) * s * c)
+    tiles = _tiles(sp, kernel, stride, padding)
     outs = []
     for i0, i1 in chunks:
         lo, hi = i0 * s, i1 * s
         z = bn_relu(X[lo:hi], scale, shift, scratch[: (hi - lo) * c].view(hi - lo, c))
         zimg = rows.nchw(z, i1 - i0, *sp)
-        pooled = _AVG_POOL[len(sp)](zimg.to(_pool_dtype(zimg)), kernel, stride, padding, ceil_mode,
-                                    count_include_pad).to(z.dtype)
+        if tiles:
+            pooled = _tile_mean(z.to(_pool_dtype(zimg)), i1 - i0, sp, kernel).to(z.dtype)
+        else:
+            pooled = _AVG_POOL[len(sp)](zimg.to(_pool_dtype(zimg)), kernel, stride, padding, ceil_mode,
+                                        count_include_pad).to(z.dtype)
         outs.append(_CONV[len(sp)](pooled, weight))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return rows.like_layout(out, x), stats
@@ -281,16 +323,24 @@ def bn_relu_pool_conv_backward(grad, x, gamma, beta, stats, running, eps, batch_
     sums = torch.zeros(2, c, dtype=torch.float64, device=X.device)
     chunks = _image_chunks(n, s, X)
     scratch = X.new_empty((chunks[0][1] - chunks[0][0]) * s * c)
+    tiles = _tiles(sp, kernel, stride, padding)
+    if tiles:
+        gscratch = X.new_empty((chunks[0][1] - chunks[0][0]) * s * c)
     for i0, i1 in chunks:
         lo, hi = i0 * s, i1 * s
         z = bn_relu(X[lo:hi], scale, shift, scratch[: (hi - lo) * c].view(hi - lo, c))
         zimg = rows.nchw(z, i1 - i0, *sp)
         pd = _pool_dtype(zimg)
+        pooled = (_tile_mean(z.to(pd), i1 - i0, sp, kernel) if tiles
+                  else _AVG_POOL[d](zimg.to(pd), *pool_args[:5]))
         dzp, dwc, _ = torch.ops.aten.convolution_backward(
-            grad[i0:i1], _AVG_POOL[d](zimg.to(pd), *pool_args[:5]).to(z.dtype), weight, None, [1] * d,
+            grad[i0:i1], pooled.to(z.dtype), weight, None, [1] * d,
             [0] * d, [1] * d, False, [0] * d, 1, [True, True, False])
         dw = dwc if dw is None else dw.add_(dwc)
-        g = rows.rows(_AVG_POOL_BACKWARD[d](dzp.to(pd), zimg.to(pd), *pool_args).to(z.dtype))  # a new tensor
+        if tiles:
+            g = _tile_mean_grad(dzp, kernel, gscratch[: (hi - lo) * c].view(hi - lo, c))
+        else:
+            g = rows.rows(_AVG_POOL_BACKWARD[d](dzp.to(pd), zimg.to(pd), *pool_args).to(z.dtype))  # a new tensor
         bn_relu_grad(X[lo:hi], g, scale, shift, mean, dx=dX[lo:hi], sums=sums, assign=True, tmp=z)
     dx, dgamma, dbeta = _input_grad(X, dX, sums, mean, rstd, scale, batch_stats, x.shape,
                                     rows.is_channels_last(x))

@@ -59,7 +59,8 @@ def _(x, params, running, masks, growth_rate, bottleneck, eps, batch_stats, drop
     buf = x.new_empty((n, *sp, c0 + num * growth_rate))
     inner = params[2].shape[0] if bottleneck else 0
     m = n * rows.spatial_numel(x.shape)
-    y1 = x.new_empty((num, m, inner)) if block.keeps_bottleneck(x.dim(), bottleneck, save) else x.new_empty(0)
+    keep = block.keeps_bottleneck(x.shape, num, inner, x.element_size(), bottleneck, save)
+    y1 = x.new_empty((num, m, inner)) if keep else x.new_empty(0)
     stats1 = x.new_empty((2, c0 + num * growth_rate), dtype=sd) if batch_stats else x.new_empty(0, dtype=sd)
     stats2 = (x.new_empty((num, 2, inner), dtype=sd) if batch_stats and bottleneck
               else x.new_empty(0, dtype=sd))
