@@ -268,8 +268,16 @@ def _tile_mean(z, n, sp, kernel):
         for j in range(1, k):
             acc = acc + w.select(axis + 1, j)
         v = acc
-    v = v.mul_(1.0 / (kernel[0] * kernel[1] * kernel[2])) if v.data_ptr() != z.data_ptr() else v.clone()
-    return v.permute(0, 4, 1, 2, 3)
+    return (v * (1.0 / (kernel[0] * kernel[1] * kernel[2]))).permute(0, 4, 1, 2, 3)
+
+
+def _pooled(z, zimg, sp, tiles: bool, pool_args):
+    """The average pooling of a chunk's BN-ReLU output (rows ``z``, map ``zimg``) in the dtype
+    pooling runs in (:func:`_pool_dtype`)."""
+    pd = _pool_dtype(zimg)
+    if tiles:
+        return _tile_mean(z.to(pd), zimg.shape[0], sp, pool_args[0])
+    return _AVG_POOL[len(sp)](zimg.to(pd), *pool_args[:5])
 
 
 def _tile_mean_grad(dp, kernel, out_rows):
@@ -296,16 +304,13 @@ def bn_relu_pool_conv_forward(x, gamma, beta, running, eps, batch_stats, weight,
     chunks = _image_chunks(n, s, X)
     scratch = X.new_empty((chunks[0][1] - chunks[0][0]) * s * c)
     tiles = _tiles(sp, kernel, stride, padding)
+    pool_args = (kernel, stride, padding, ceil_mode, count_include_pad)
     outs = []
     for i0, i1 in chunks:
         lo, hi = i0 * s, i1 * s
         z = bn_relu(X[lo:hi], scale, shift, scratch[: (hi - lo) * c].view(hi - lo, c))
         zimg = rows.nchw(z, i1 - i0, *sp)
-        if tiles:
-            pooled = _tile_mean(z.to(_pool_dtype(zimg)), i1 - i0, sp, kernel).to(z.dtype)
-        else:
-            pooled = _AVG_POOL[len(sp)](zimg.to(_pool_dtype(zimg)), kernel, stride, padding, ceil_mode,
-                                        count_include_pad).to(z.dtype)
+        pooled = _pooled(z, zimg, sp, tiles, pool_args).to(z.dtype)
         outs.append(_CONV[len(sp)](pooled, weight))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return rows.like_layout(out, x), stats
@@ -331,10 +336,8 @@ def bn_relu_pool_conv_backward(grad, x, gamma, beta, stats, running, eps, batch_
         z = bn_relu(X[lo:hi], scale, shift, scratch[: (hi - lo) * c].view(hi - lo, c))
         zimg = rows.nchw(z, i1 - i0, *sp)
         pd = _pool_dtype(zimg)
-        pooled = (_tile_mean(z.to(pd), i1 - i0, sp, kernel) if tiles
-                  else _AVG_POOL[d](zimg.to(pd), *pool_args[:5]))
         dzp, dwc, _ = torch.ops.aten.convolution_backward(
-            grad[i0:i1], pooled.to(z.dtype), weight, None, [1] * d,
+            grad[i0:i1], _pooled(z, zimg, sp, tiles, pool_args).to(z.dtype), weight, None, [1] * d,
             [0] * d, [1] * d, False, [0] * d, 1, [True, True, False])
         dw = dwc if dw is None else dw.add_(dwc)
         if tiles:
