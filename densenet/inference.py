@@ -418,11 +418,22 @@ def _evaluate_multilabel(loaded: Loaded, ds, data, split, part, batch_size, devi
             "dataset": ds.name, "split": split, "n": len(part), "task": "multi-label", **metrics}
 
 
+USER_DATA = ("folder", "csv", "volumes")
+"""Data sets read from the user's own files: results name their path, not the reader."""
+
+
+def _evaluated_on(r: dict) -> str:
+    """What a result was computed on: "cifar10 test", or the user's path and split."""
+    if r.get("dataset") in USER_DATA:
+        return f"{r['data']} ({r['split']} split)"
+    return f"{r['dataset']} {r['split']}"
+
+
 def format_result(r: dict) -> str:
     if r.get("task") == "multi-label":
         return _format_multilabel(r)
     what = "volumes" if r.get("dataset") == "volumes" else "images"
-    lines = [f"{r['model']} ({r['checkpoint']}) on {r['dataset']} {r['split']}: {r['n']:,} {what}",
+    lines = [f"{r['model']} ({r['checkpoint']}) on {_evaluated_on(r)}: {r['n']:,} {what}",
              f"{'protocol':<12} {'top-1 err':>10} {'top-5 err':>10}"]
     for key, label in (("single_crop", "single crop"), ("ten_crop", "10-crop")):
         if key in r:
@@ -434,7 +445,7 @@ def format_result(r: dict) -> str:
 def _format_multilabel(r: dict) -> str:
     def num(v, pct=False):
         return "-" if v is None else (f"{100 * v:.1f}%" if pct else f"{v:.4f}")
-    lines = [f"{r['model']} ({r['checkpoint']}) on {r['dataset']} {r['split']}: {r['n']:,} images",
+    lines = [f"{r['model']} ({r['checkpoint']}) on {_evaluated_on(r)}: {r['n']:,} images",
              f"{'label':<24} {'AUROC':>7} {'AP':>7} {'thresh':>7} {'F1':>7} {'sens':>7} {'spec':>7} "
              f"{'pos':>6} {'neg':>6}"]
     for name, m in r["labels"].items():

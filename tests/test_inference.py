@@ -297,3 +297,14 @@ def test_a_corrupt_image_in_eval_data_names_the_file_without_a_traceback(large_f
         with pytest.raises(UsageError) as e:
             evaluate(load_for_inference(ckpt), str(data), ten_crop=ten_crop, workers=1)
         assert str(bad) in str(e.value) and "Traceback" not in str(e.value)
+
+
+def test_result_header_names_the_users_data_by_its_path():
+    from densenet.inference import format_result
+    base = {"model": "densenet121", "checkpoint": "run/best.pt", "n": 12,
+            "single_crop": {"top1_error": 0.25, "top5_error": 0.0}}
+    vols = format_result({**base, "dataset": "volumes", "data": "scans/", "split": "train"})
+    assert vols.splitlines()[0] == "densenet121 (run/best.pt) on scans/ (train split): 12 volumes"
+    named = format_result({**base, "dataset": "cifar10", "data": "cifar10", "split": "test", "n": 10000})
+    assert named.splitlines()[0] == "densenet121 (run/best.pt) on cifar10 test: 10,000 images"
+    assert "25.00%" in named.splitlines()[2]
