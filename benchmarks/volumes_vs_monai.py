@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/volumes_vs_monai.py --repeats 3 --json volumes.json \
         --plot benchmarks/memory_vs_depth_3d.png     # the RESULTS tables; on an otherwise idle machine
     .venv/bin/python benchmarks/volumes_vs_monai.py --quick    # smoke run, under a minute
+    .venv/bin/python benchmarks/volumes_vs_monai.py --sizes 64 --repeats 6 --steps 5 --paired 12 \
+        --depths 40                                  # 64^3 only, with the one-process pairing
 
 Part 1: DenseNet-121 with 1 input channel and 2 classes, batch 2, at 64^3, 96^3 and 128^3
 (``--sizes``): ours (``create_model("densenet121", spatial_dims=3, in_channels=1, num_classes=2)``,
@@ -24,7 +26,10 @@ the profiler started, so their release is not seen), as in ``densenet bench``. T
 peak (``ru_maxrss``) is kept in the JSON. Every configuration runs in a fresh process (this
 script with ``--worker``), ours and MONAI (or efficient and reference) alternating; the figures
 are medians over ``--repeats`` such runs. ``--threads`` (default: every core) sets
-``torch.set_num_threads`` in each worker.
+``torch.set_num_threads`` in each worker. With ``--paired PAIRS``, one more fresh process per
+size holds both DenseNet-121s and alternates their training steps (``measure_paired``): both
+see the same machine state, so its ratio moves less than the fresh-process medians do when the
+machine's speed drifts by 10-15% over minutes, as this project's does.
 
 The header names the code version (``git describe``) the numbers belong to.
 """
@@ -100,6 +105,38 @@ def measure(net: str, implementation: str | None, size: int, batch: int, steps: 
                 params=sum(p.numel() for p in model.parameters()))
 
 
+def measure_paired(size: int, batch: int, pairs: int, threads: int) -> dict:
+    """Ours and MONAI's DenseNet-121 in this one process, their training steps alternating
+    (ours, MONAI, MONAI, ours, ...; one warm-up step each): both see the same machine state, so
+    the ratio is steadier than one of fresh-process medians when the machine's speed drifts."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(1)
+    x = torch.randn(batch, 1, size, size, size)
+    y = torch.randint(0, 2, (batch,))
+    steps = {}
+    for label, net, impl in (("ours", "d121", "efficient"), ("MONAI", "monai", None)):
+        model = build(net, impl).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step(model=model, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        step()
+        steps[label] = step
+    times = {"ours": [], "MONAI": []}
+    for i in range(pairs):
+        for label in ("ours", "MONAI") if i % 2 == 0 else ("MONAI", "ours"):
+            t = time.perf_counter()
+            steps[label]()
+            times[label].append(time.perf_counter() - t)
+    ratios = [o / m for o, m in zip(times["ours"], times["MONAI"])]
+    return dict(size=size, batch=batch, threads=torch.get_num_threads(), pairs=pairs,
+                times={k: [round(t, 4) for t in v] for k, v in times.items()},
+                ours_s=statistics.median(times["ours"]), monai_s=statistics.median(times["MONAI"]),
+                pair_ratio=statistics.median(ratios))
+
+
 def in_subprocess(**spec) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
                           capture_output=True, text=True)
@@ -163,6 +200,9 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=3, help="DenseNet-121: timed steps after one warm-up step")
     p.add_argument("--depth-steps", type=int, default=1, help="depth sweep: timed steps")
     p.add_argument("--repeats", type=int, default=1, help="fresh-process runs per configuration")
+    p.add_argument("--paired", type=int, default=0, metavar="PAIRS",
+                   help="also time ours and MONAI alternating step by step in one process, PAIRS "
+                        "steps each, per size (a steadier ratio on a machine whose speed drifts)")
     p.add_argument("--threads", type=int, help="torch threads (default: every core; 1 with --quick)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 32^3; L = 40, 64 at 16^3; one step; one thread")
@@ -171,7 +211,9 @@ def main(argv=None) -> None:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        print("RESULT " + json.dumps(measure(**json.loads(args.worker))), flush=True)
+        spec = json.loads(args.worker)
+        run = measure_paired if spec.pop("paired", False) else measure
+        print("RESULT " + json.dumps(run(**spec)), flush=True)
         return
     if args.quick:
         args.sizes, args.steps, args.depths, args.depth_size, args.repeats = [32], 1, [40, 64], 16, 1
@@ -196,6 +238,20 @@ def main(argv=None) -> None:
         o, m = r["ours"], r["MONAI"]
         print(f"| {r['size']}^3 | {o['step_s']:.2f} | {m['step_s']:.2f} | {o['step_s'] / m['step_s']:.2f} | "
               f"{o['peak_mib']:,.0f} | {m['peak_mib']:,.0f} | {o['peak_mib'] / m['peak_mib']:.2f} |")
+    paired = []
+    if args.paired:
+        for size in args.sizes:
+            r = in_subprocess(paired=True, size=size, batch=args.batch, pairs=args.paired,
+                              threads=args.threads)
+            log(f"  paired {size}^3: ours {r['times']['ours']}, MONAI {r['times']['MONAI']}")
+            paired.append(r)
+        print(f"\nThe same, both models in one process, steps alternating ({args.paired} each, "
+              f"after one warm-up step each)\n")
+        print("| size | ours s | MONAI s | ratio of medians | median of step-pair ratios |")
+        print("|---|---|---|---|---|")
+        for r in paired:
+            print(f"| {r['size']}^3 | {r['ours_s']:.2f} | {r['monai_s']:.2f} | "
+                  f"{r['ours_s'] / r['monai_s']:.2f} | {r['pair_ratio']:.3f} |")
 
     depth = []
     for L in args.depths:
@@ -221,7 +277,7 @@ def main(argv=None) -> None:
         plot(depth, args.depth_batch, args.depth_size, args.plot)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(environment=env, args=vars(args), densenet121=d121,
+            json.dump(dict(environment=env, args=vars(args), densenet121=d121, paired=paired,
                            memory_vs_depth=dict(rows=depth, fit=fit)), f, indent=1)
 
 

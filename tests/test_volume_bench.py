@@ -24,3 +24,9 @@ def test_ours_and_monai_densenet121_measured_alike():
 def test_depth_sweep_measures_densenet_bc(implementation):
     r = bench.measure("bc", implementation, size=8, batch=1, steps=1, threads=1, depth=16)
     assert r["depth"] == 16 and r["peak_mib"] > 0 and r["step_s"] > 0
+
+
+def test_paired_mode_alternates_both_models_in_one_process():
+    r = bench.measure_paired(size=32, batch=2, pairs=2, threads=1)
+    assert len(r["times"]["ours"]) == len(r["times"]["MONAI"]) == 2
+    assert r["ours_s"] > 0 and r["monai_s"] > 0 and r["pair_ratio"] > 0 and r["threads"] == 1
