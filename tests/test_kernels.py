@@ -657,3 +657,16 @@ def test_training_steps_reuse_the_pooled_buffers_with_unchanged_results():
     assert buffers.pooled_bytes() == held  # the second and later steps allocate nothing new
     assert torch.equal(grads[0], grads[1]) and torch.equal(grads[1], grads[2])  # fresh vs reused memory
     buffers.release_buffers()
+
+
+def test_only_buffers_that_outlive_a_step_get_huge_page_advice(monkeypatch):
+    advised = []
+    monkeypatch.setattr(buffers, "_madvise_huge", lambda t: advised.append(t.data_ptr()))
+    buffers.release_buffers()
+    like = torch.zeros(1)
+    a = buffers.huge_empty(_BIG, like)  # pooled (images): kept between steps
+    assert advised == [a.data_ptr()]
+    b = buffers.huge_empty(_BIG, like, pooled=False)  # a volume's: freed after the step
+    assert advised == [a.data_ptr()] and b.shape == _BIG
+    del a, b
+    buffers.release_buffers()
