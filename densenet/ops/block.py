@@ -121,9 +121,7 @@ def keeps_bottleneck(shape, num: int, inner: int, element_size: int, bottleneck:
         return False
     if len(shape) < 5:
         return True
-    m = shape[0]
-    for s in shape[2:]:
-        m *= s
+    m = shape[0] * rows.spatial_numel(shape)
     return num * m * inner * element_size <= KEEP_BOTTLENECK_BYTES
 
 
