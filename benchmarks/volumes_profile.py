@@ -39,7 +39,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from torch.profiler import ProfilerActivity, profile
 
 _spec = importlib.util.spec_from_file_location(
@@ -83,28 +82,10 @@ def category(name: str, shapes) -> str:
     return "everything else"
 
 
-def _steps(model, opt, x, y):
-    def step():
-        opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return step
-
-
 def profile_both(size: int, batch: int, steps: int, threads: int) -> dict:
     """Both DenseNet-121s in this process: unprofiled step times (alternating), then each one's
     profile by row (``category``): milliseconds a step, operators a step."""
-    torch.set_num_threads(threads)
-    torch.manual_seed(1)
-    x = torch.randn(batch, 1, size, size, size)
-    y = torch.randint(0, 2, (batch,))
-    runs = {}
-    for label, net, implementation in (("ours", "d121", "efficient"), ("MONAI", "monai", None)):
-        model = vs.build(net, implementation).train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        runs[label] = _steps(model, opt, x, y)
-    for step in runs.values():  # warm-up
-        step()
+    runs = vs.both_steps(size, batch, threads)  # built and warmed up
     times = {label: [] for label in runs}
     for _ in range(steps):
         for label, step in runs.items():

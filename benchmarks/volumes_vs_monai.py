@@ -105,10 +105,9 @@ def measure(net: str, implementation: str | None, size: int, batch: int, steps: 
                 params=sum(p.numel() for p in model.parameters()))
 
 
-def measure_paired(size: int, batch: int, pairs: int, threads: int) -> dict:
-    """Ours and MONAI's DenseNet-121 in this one process, their training steps alternating
-    (ours, MONAI, MONAI, ours, ...; one warm-up step each): both see the same machine state, so
-    the ratio is steadier than one of fresh-process medians when the machine's speed drifts."""
+def both_steps(size: int, batch: int, threads: int) -> dict:
+    """Ours and MONAI's DenseNet-121 in this one process on one input: {"ours": step, "MONAI":
+    step}, each a training step of its model, already run once (warm-up)."""
     torch.set_num_threads(threads)
     torch.manual_seed(1)
     x = torch.randn(batch, 1, size, size, size)
@@ -124,6 +123,14 @@ def measure_paired(size: int, batch: int, pairs: int, threads: int) -> dict:
             opt.step()
         step()
         steps[label] = step
+    return steps
+
+
+def measure_paired(size: int, batch: int, pairs: int, threads: int) -> dict:
+    """Ours and MONAI's DenseNet-121 in this one process, their training steps alternating
+    (ours, MONAI, MONAI, ours, ...; one warm-up step each): both see the same machine state, so
+    the ratio is steadier than one of fresh-process medians when the machine's speed drifts."""
+    steps = both_steps(size, batch, threads)
     times = {"ours": [], "MONAI": []}
     for i in range(pairs):
         for label in ("ours", "MONAI") if i % 2 == 0 else ("MONAI", "ours"):
