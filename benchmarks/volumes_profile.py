@@ -5,8 +5,9 @@ work, from PyTorch's profiler.
     .venv/bin/python benchmarks/volumes_profile.py --size 32 --steps 1 --threads 1   # smoke run
 
 Both models are built as ``benchmarks/volumes_vs_monai.py`` builds them (1 input channel, 2
-classes, batch 2, SGD with momentum), held in one process and warmed up alternately; then each
-runs ``--steps`` training steps under ``torch.profiler`` (CPU activity, input shapes recorded).
+classes, batch 2, SGD with momentum), held in one process and warmed up; they alternate
+``--steps`` unprofiled training steps, then each runs ``--steps`` more under
+``torch.profiler`` (CPU activity, input shapes recorded).
 Every operator's self CPU time falls into one row:
 
 * the 3x3x3 convolutions of the dense layers, forward (``aten::mkldnn_convolution``) and
