@@ -66,6 +66,11 @@ def test_profile_of_both_models_by_kind_of_work():
             assert run["rows"][f"3x3x3 convolutions at {side}^3, backward"] > 0
         assert run["ops"] > 0 and run["step_s"] > 0
         assert abs(sum(run["rows"].values()) - run["profiled_ms"]) < 1e-6
+        known = {"1x1 convolutions, forward", "1x1 convolutions, backward", "stem convolution, forward",
+                 "stem convolution, backward", "fused element-wise kernels (ours)", "BN and ReLU (ATen)",
+                 "concatenation, gradient sums (ATen)", "pooling (ATen)", "everything else"}
+        assert all(k in known or k.startswith("3x3x3 convolutions at ") for k in run["rows"])
+        assert run["rows"]["1x1 convolutions, backward"] > 0 and run["rows"]["stem convolution, forward"] > 0
     assert ours["rows"]["fused element-wise kernels (ours)"] > 0
     assert "fused element-wise kernels (ours)" not in monai["rows"]
     assert monai["rows"]["BN and ReLU (ATen)"] > 0
